@@ -1,0 +1,237 @@
+"""The provider interface: what backupd needs from a hypervisor.
+
+A provider lists VMs, creates and removes snapshots, describes a snapshot's disks, reports
+which disk areas changed since an earlier changeId (changed block tracking), and reads disk
+data from a snapshot by byte range. The shape follows the vSphere API so the pyvmomi provider
+maps onto it one to one: ``CreateSnapshot_Task`` / ``RemoveSnapshot_Task``,
+``VirtualDisk.key`` and ``changeId``, ``QueryChangedDiskAreas`` returning ``DiskChangeExtent``
+(start, length) lists, and range reads of the snapshot's backing files.
+
+Errors (each provider maps its native faults into this tree at its boundary, ``raise ... from``
+the original; only :class:`TransientProviderError` is retried by the engine)::
+
+    ProviderError
+     ├── TransientProviderError   a retry may succeed (timeouts, busy host, lost connection)
+     ├── VmNotFound               no VM of that name
+     ├── SnapshotError            a snapshot could not be created or removed
+     │    └── QuiesceError        the guest could not be quiesced (the engine then takes a
+     │                            crash-consistent snapshot and ends the VM ``warning``)
+     ├── CbtUnavailable           the changeId given is not valid any more (CBT was reset or
+     │                            disabled); the engine falls back to a full read
+     └── DiskReadError            disk data could not be read
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+
+
+class ProviderError(Exception):
+    """Base of every error a provider raises."""
+
+
+class TransientProviderError(ProviderError):
+    """A failure that may not happen again: the engine retries the operation."""
+
+
+class VmNotFound(ProviderError):
+    """No VM with the name asked for exists on this provider."""
+
+
+class SnapshotError(ProviderError):
+    """A snapshot could not be created or removed (not retried)."""
+
+
+class QuiesceError(SnapshotError):
+    """The guest could not be quiesced (vSphere: ``ApplicationQuiesceFault``)."""
+
+
+class CbtUnavailable(ProviderError):
+    """Changed block tracking cannot answer for the changeId given (vSphere:
+    ``QueryChangedDiskAreas`` fails after a CBT reset); the caller reads the whole disk."""
+
+
+class DiskReadError(ProviderError):
+    """Disk data could not be read from a snapshot."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range of a disk (vSphere ``DiskChangeExtent``).
+
+    :ivar offset: first byte, from the start of the disk.
+    :ivar length: number of bytes, > 0.
+    """
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """One past the last byte."""
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One virtual disk of a VM, as seen live or through a snapshot.
+
+    :ivar key: device key, stable for the life of the disk (vSphere ``VirtualDisk.key``).
+    :ivar label: human name, e.g. ``"Hard disk 1"``.
+    :ivar capacity_bytes: size of the disk in bytes.
+    :ivar change_id: the CBT changeId of this state of the disk, or None when CBT is off.
+        Passing it later as ``since`` to :meth:`Provider.changed_areas` yields the areas
+        written after this state.
+    """
+
+    key: int
+    label: str
+    capacity_bytes: int
+    change_id: str | None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A VM as listed by the provider.
+
+    :ivar name: the VM's name (unique per provider).
+    :ivar id: the provider's own identifier (vSphere managed object id, e.g. ``vm-42``).
+    :ivar power_state: ``poweredOn``, ``poweredOff`` or ``suspended`` (vSphere words).
+    :ivar disks: the live disks, in device order.
+    """
+
+    name: str
+    id: str
+    power_state: str
+    disks: tuple[Disk, ...]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot of one VM.
+
+    :ivar id: the provider's identifier, unique per provider (vSphere snapshot moref).
+    :ivar vm_name: the VM it belongs to.
+    :ivar name: the snapshot's name; backupd names its own ``backupd-...``.
+    :ivar description: free text; backupd stores the job and session there.
+    :ivar created_at: creation time, timezone-aware UTC.
+    :ivar quiesced: whether the guest was quiesced for it.
+    """
+
+    id: str
+    vm_name: str
+    name: str
+    description: str
+    created_at: datetime
+    quiesced: bool
+
+
+class DiskReader(ABC):
+    """Random-access reads of one disk as a snapshot sees it. Not thread-safe: one per thread."""
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at byte ``offset``.
+
+        Returns fewer bytes only when the range passes the end of the disk.
+
+        :raises DiskReadError: the data could not be read.
+        :raises TransientProviderError: a retry may succeed.
+        """
+
+    def close(self) -> None:
+        """Release what the reader holds. Idempotent."""
+
+    def __enter__(self) -> "DiskReader":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Provider(ABC):
+    """A hypervisor backupd can back VMs up from.
+
+    Implementations are safe to call from several threads at once (one VM task per thread).
+    """
+
+    #: the name of the ``[providers.NAME]`` section this provider was built from
+    name: str
+
+    @abstractmethod
+    def list_vms(self) -> list[VmInfo]:
+        """Every VM of this provider, sorted by name."""
+
+    @abstractmethod
+    def find_vm(self, name: str) -> VmInfo:
+        """The VM called ``name``.
+
+        :raises VmNotFound: no such VM.
+        """
+
+    @abstractmethod
+    def create_snapshot(
+        self, vm: VmInfo, *, name: str, description: str, quiesce: bool
+    ) -> Snapshot:
+        """Take a snapshot of the VM's disks, without memory (vSphere ``CreateSnapshot_Task``
+        with ``memory=False``).
+
+        :param quiesce: ask the guest to flush first (VMware Tools).
+        :raises QuiesceError: quiescing failed; no snapshot was left behind.
+        :raises SnapshotError: the snapshot could not be created.
+        :raises TransientProviderError: a retry may succeed.
+        """
+
+    @abstractmethod
+    def remove_snapshot(self, snapshot: Snapshot) -> None:
+        """Remove the snapshot and free its data (vSphere ``RemoveSnapshot_Task``).
+
+        Idempotent: removing a snapshot that is already gone succeeds.
+
+        :raises SnapshotError: the snapshot exists but could not be removed.
+        :raises TransientProviderError: a retry may succeed.
+        """
+
+    @abstractmethod
+    def list_snapshots(self, vm: VmInfo) -> list[Snapshot]:
+        """The VM's current snapshots, oldest first."""
+
+    @abstractmethod
+    def disks(self, snapshot: Snapshot) -> list[Disk]:
+        """The disks as the snapshot holds them, in device order, each with the changeId of
+        that state.
+
+        :raises SnapshotError: the snapshot does not exist any more.
+        """
+
+    @abstractmethod
+    def changed_areas(self, snapshot: Snapshot, disk: Disk, since: str) -> list[Extent]:
+        """The areas of ``disk`` that differ between the state ``since`` names and the
+        snapshot (vSphere ``QueryChangedDiskAreas``).
+
+        :param since: a changeId from an earlier :class:`Disk` of the same disk, or ``"*"``
+            for every area in use (allocated) at the snapshot.
+        :returns: sorted, non-overlapping extents, inside ``[0, capacity_bytes)``.
+        :raises CbtUnavailable: ``since`` is not valid any more (CBT reset), or CBT is off.
+        :raises TransientProviderError: a retry may succeed.
+        """
+
+    @abstractmethod
+    def open_disk(self, snapshot: Snapshot, disk: Disk) -> DiskReader:
+        """A reader of ``disk`` as the snapshot holds it: guest writes made after the
+        snapshot do not show through.
+
+        :raises SnapshotError: the snapshot does not exist any more.
+        :raises DiskReadError: the disk cannot be opened.
+        """
+
+    def close(self) -> None:
+        """Release connections and files. Idempotent."""
