@@ -1,0 +1,29 @@
+# Every target sets itself up: a fresh machine needs only python3 (>= 3.11) and make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "backupd needs Python >= 3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+## make demo: build a lab of ext4-image VMs, back them up (full, then incremental), restore and check
+demo: $(STAMP)
+	$(PY) -m backupd.demo --lab demo-lab
+
+## make test: the whole test suite
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## make bench: throughput, incremental speed, memory and stop latency, side by side with restic
+bench: $(STAMP)
+	$(PY) bench/run.py --lab bench-lab
+
+clean:
+	rm -rf $(VENV) demo-lab bench-lab .pytest_cache
