@@ -1,0 +1,323 @@
+"""Loading and validating the TOML config file.
+
+One file holds the state DB, providers, repositories and jobs; tables are keyed by name. The
+whole file is validated before anything runs: unknown keys, wrong types, dangling provider or
+repository names, duplicate tables and bad size strings are all reported together, each with
+the file, the line (where it can be found) and the key path such as
+``jobs.nightly.max_parallel_vms`` (:class:`~backupd.errors.ConfigError`, exit code 78).
+
+Relative paths (repository paths, the simulated provider's ``state_dir`` and disk images, a
+relative SQLite database) are relative to the folder of the config file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from backupd.errors import ConfigError
+from providers.simulated.config import SimulatedProviderConfig
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+#: provider ``type`` → config model; a new provider adds its model here
+PROVIDER_TYPES: dict[str, type[BaseModel]] = {"simulated": SimulatedProviderConfig}
+
+#: longest stop message accepted (characters), as in the stop contract
+MAX_STOP_MESSAGE = 320
+
+
+class StateConfig(BaseModel):
+    """``[state]``: where the state DB lives (a SQLAlchemy URL)."""
+
+    model_config = _FROZEN
+
+    url: str = "sqlite:///state.db"
+
+
+class RepositoryConfig(BaseModel):
+    """``[repositories.NAME]``: a deduplicating repository on a local or mounted filesystem."""
+
+    model_config = _FROZEN
+
+    path: Path
+    #: fixed block size of a new repository (an existing one keeps its own)
+    block_size: ByteSize = ByteSize(1 << 20)
+    #: zstd level, 1 (fast) to 19 (small)
+    compression_level: int = Field(default=3, ge=1, le=19)
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size_range(cls, value: ByteSize) -> ByteSize:
+        if value < 64 * 1024 or value > 64 << 20 or value & (value - 1):
+            raise ValueError("must be a power of two from 64 KiB to 64 MiB")
+        return value
+
+
+class RetryConfig(BaseModel):
+    """How transient provider errors are retried (tenacity: fixed wait, bounded attempts)."""
+
+    model_config = _FROZEN
+
+    #: total tries of one operation, the first included
+    attempts: int = Field(default=3, ge=1, le=100)
+    #: seconds between tries
+    wait_seconds: float = Field(default=5.0, ge=0, le=3600)
+
+
+class JobConfig(BaseModel):
+    """``[jobs.NAME]``: which VMs, in which order, from which provider into which repository."""
+
+    model_config = _FROZEN
+
+    provider: str
+    repository: str
+    #: VM names in processing order
+    vms: list[str] = Field(min_length=1)
+    max_parallel_vms: int = Field(default=1, ge=1, le=64)
+    #: quiesce the guest before the snapshot; a failure falls back to crash-consistent
+    quiesce: bool = False
+    #: restore points kept per VM of this job
+    retention: int = Field(default=7, ge=1)
+    retry: RetryConfig = RetryConfig()
+    #: seconds a VM task waits for a VM another session is processing before it fails
+    vm_lock_timeout_seconds: float = Field(default=600.0, ge=0)
+    description: str = ""
+
+    @field_validator("vms")
+    @classmethod
+    def _unique_vms(cls, vms: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for vm in vms:
+            if not vm:
+                raise ValueError("a VM name cannot be empty")
+            if vm in seen:
+                raise ValueError(f"VM {vm!r} is listed twice")
+            seen.add(vm)
+        return vms
+
+
+class _Document(BaseModel):
+    """The file's top level, providers still raw (their type picks their model)."""
+
+    model_config = _FROZEN
+
+    state: StateConfig = StateConfig()
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    repositories: dict[str, RepositoryConfig] = Field(default_factory=dict)
+    jobs: dict[str, JobConfig] = Field(default_factory=dict)
+
+
+class Config(BaseModel):
+    """A validated config, every relative path already resolved.
+
+    :ivar path: the config file it was read from.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    path: Path
+    state: StateConfig
+    providers: dict[str, BaseModel]
+    repositories: dict[str, RepositoryConfig]
+    jobs: dict[str, JobConfig]
+
+    def job(self, name: str) -> JobConfig:
+        """The job called ``name``.
+
+        :raises NotFoundError: no such job in this config.
+        """
+        from backupd.errors import NotFoundError
+
+        try:
+            return self.jobs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.jobs)) or "none"
+            raise NotFoundError(f"no job {name!r} in {self.path} (jobs: {known})") from None
+
+
+def default_config_path() -> Path:
+    """``$BACKUPD_CONFIG`` if set, else ``./backupd.toml``."""
+    import os
+
+    return Path(os.environ.get("BACKUPD_CONFIG") or "backupd.toml")
+
+
+def load_config(path: Path) -> Config:
+    """Read, validate and resolve a config file.
+
+    :param path: the TOML file.
+    :raises ConfigError: the file is missing, not TOML, or invalid; every problem found is
+        listed with its key path and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [("", None, f"cannot read the config file: {exc.strerror}")])
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _line_of_decode_error(str(exc))
+        raise ConfigError(str(path), [("", line, f"not valid TOML: {exc}")]) from None
+
+    locate = _KeyLocator(text)
+    problems: list[tuple[str, int | None, str]] = []
+
+    def collect(err: ValidationError, prefix: tuple[Any, ...] = ()) -> None:
+        for item in err.errors():
+            loc = prefix + tuple(item["loc"])
+            key = ".".join(str(part) for part in loc)
+            problems.append((key, locate(loc), _describe(item)))
+
+    doc: _Document | None = None
+    try:
+        doc = _Document.model_validate(raw)
+    except ValidationError as exc:
+        collect(exc)
+
+    providers: dict[str, BaseModel] = {}
+    sections = raw.get("providers")
+    for name, section in (sections.items() if isinstance(sections, dict) else ()):
+        if not isinstance(section, dict):
+            continue  # already reported by the document's validation
+        kind = section.get("type")
+        model = PROVIDER_TYPES.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            known = ", ".join(sorted(PROVIDER_TYPES))
+            problems.append(
+                (f"providers.{name}.type", locate(("providers", name, "type")),
+                 f"unknown provider type {kind!r} (known: {known})")
+            )
+            continue
+        try:
+            providers[name] = model.model_validate(section)
+        except ValidationError as exc:
+            collect(exc, ("providers", name))
+
+    if doc is None:
+        raise ConfigError(str(path), problems)
+    for name, job in doc.jobs.items():
+        if job.provider not in doc.providers:
+            problems.append(
+                (f"jobs.{name}.provider", locate(("jobs", name, "provider")),
+                 f"unknown provider {job.provider!r} (defined: {_names(doc.providers)})")
+            )
+        if job.repository not in doc.repositories:
+            problems.append(
+                (f"jobs.{name}.repository", locate(("jobs", name, "repository")),
+                 f"unknown repository {job.repository!r} (defined: {_names(doc.repositories)})")
+            )
+    if problems:
+        raise ConfigError(str(path), problems)
+
+    base = path.resolve().parent
+    return Config(
+        path=path.resolve(),
+        state=StateConfig(url=_resolve_sqlite_url(doc.state.url, base)),
+        providers={name: _resolve_paths(model, base) for name, model in providers.items()},
+        repositories={name: _resolve_paths(repo, base) for name, repo in doc.repositories.items()},
+        jobs=dict(doc.jobs),
+    )
+
+
+def _names(table: dict[str, Any]) -> str:
+    return ", ".join(sorted(table)) or "none"
+
+
+def _describe(item: dict[str, Any]) -> str:
+    """A pydantic error in the words of a config file (no Python type names)."""
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(item["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> Any:
+    """A copy of ``model`` whose relative :class:`Path` values (also inside lists and nested
+    models) are made absolute against ``base``."""
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, Path):
+            return value if value.is_absolute() else (base / value)
+        if isinstance(value, BaseModel):
+            return _resolve_paths(value, base)
+        if isinstance(value, list):
+            return [resolve(item) for item in value]
+        return value
+
+    update = {name: resolve(getattr(model, name)) for name in type(model).model_fields}
+    return model.model_copy(update=update)
+
+
+def _resolve_sqlite_url(url: str, base: Path) -> str:
+    """Make a relative SQLite database path relative to the config folder."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+        if not Path(database).is_absolute():
+            return parsed.set(database=str(base / database)).render_as_string(hide_password=False)
+    return url
+
+
+def _line_of_decode_error(message: str) -> int | None:
+    match = re.search(r"at line (\d+)", message)
+    return int(match.group(1)) if match else None
+
+
+class _KeyLocator:
+    """Finds the line of a key path in TOML text, for error messages.
+
+    Tracks ``[table]`` and ``[[array.of.tables]]`` headers and ``key =`` lines; an inline table
+    or array item is located at its key's line. Returns None when the key is not written in the
+    file (e.g. a missing required key: then the table's header line).
+    """
+
+    _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?")
+    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'. ]+?)\s*=")
+
+    def __init__(self, text: str) -> None:
+        self._keys: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        counts: dict[tuple[str, ...], int] = {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            header = self._HEADER.match(line)
+            if header:
+                table = tuple(_split_key(header.group(2)))
+                if header.group(1) == "[[":
+                    index = counts.get(table, -1) + 1
+                    counts[table] = index
+                    table = table + (str(index),)
+                self._keys.setdefault(table, number)
+                continue
+            key = self._KEY.match(line)
+            if key:
+                self._keys.setdefault(table + tuple(_split_key(key.group(1))), number)
+
+    def __call__(self, loc: tuple[Any, ...]) -> int | None:
+        parts = tuple(str(part) for part in loc)
+        while parts:
+            if parts in self._keys:
+                return self._keys[parts]
+            parts = parts[:-1]
+        return None
+
+
+def _split_key(key: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in key.split(".")]

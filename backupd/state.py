@@ -1,0 +1,358 @@
+"""The state DB: job sessions, VM tasks, session log lines and VM locks (SQLModel).
+
+The state DB is the control plane. A runner writes its session's progress here as it happens;
+``backupd job stop`` writes a stop request onto the session row from any process, and the
+runner that owns the session polls for it. SQLite (WAL mode, so readers never block the runner)
+is the embedded default; any SQLAlchemy URL works, PostgreSQL being the multi-daemon option.
+
+Restore points are not mirrored here: the repository's manifests are their single source of
+truth (see docs/design.md); a VM task records the id of the restore point it committed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import event, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
+from backupd.errors import NotFoundError, StateError
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; they were stored as UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+class JobSession(SQLModel, table=True):
+    """One run of a job."""
+
+    __tablename__ = "job_session"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job: str = Field(index=True)
+    state: SessionState = SessionState.STARTING
+    result: SessionResult | None = None
+    #: why the session ended as it did, e.g. "Operation was canceled by user"
+    message: str | None = None
+    #: every VM transferred in full, whatever CBT allows (``job start --full``)
+    full: bool = False
+    stop_mode: StopMode | None = None
+    stop_message: str | None = None
+    stop_requested_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    #: the runner process owning the session, so a dead runner can be told from a live one
+    owner_host: str | None = None
+    owner_pid: int | None = None
+    heartbeat_at: datetime | None = None
+
+
+class VmTask(SQLModel, table=True):
+    """The processing of one VM inside a session."""
+
+    __tablename__ = "vm_task"
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: int = Field(foreign_key="job_session.id", index=True)
+    #: index in the job's VM list (processing order)
+    position: int
+    vm: str
+    status: TaskStatus = TaskStatus.PENDING
+    #: what the task is doing now: waiting, snapshot, transfer, commit, remove_snapshot, done
+    stage: str | None = None
+    mode: str | None = None
+    #: bytes read from the provider so far / to read in all
+    bytes_read: int = 0
+    bytes_total: int = 0
+    #: compressed bytes this task newly added to the repository
+    bytes_stored: int = 0
+    restore_point: str | None = None
+    snapshot_id: str | None = None
+    snapshot_removed: bool = False
+    snapshot_error: str | None = None
+    error: str | None = None
+    warning: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class SessionLog(SQLModel, table=True):
+    """A line of a session's log, shown by ``session show``."""
+
+    __tablename__ = "session_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: int = Field(foreign_key="job_session.id", index=True)
+    at: datetime = Field(default_factory=utcnow)
+    level: str = "info"
+    vm: str | None = None
+    text: str
+
+
+class VmLock(SQLModel, table=True):
+    """A VM being processed: one row per (provider, VM), so two sessions never process the
+    same VM at once."""
+
+    __tablename__ = "vm_lock"
+
+    key: str = Field(primary_key=True)
+    session_id: int
+    acquired_at: datetime = Field(default_factory=utcnow)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class StateStore:
+    """Access to the state DB; safe to share between threads.
+
+    :param url: a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``).
+    :raises StateError: the database cannot be opened or its tables created.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        sqlite = url.startswith("sqlite")
+        try:
+            if sqlite:
+                self._ensure_sqlite_folder(url)
+            self.engine = create_engine(
+                url,
+                connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
+            )
+            if sqlite:
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            SQLModel.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.orig}") from exc
+
+    def _safe_url(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @staticmethod
+    def _ensure_sqlite_folder(url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database and database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(database)), mode=0o700, exist_ok=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def create_session(self, job: str, vms: list[str], *, full: bool) -> JobSession:
+        """Insert a session in state ``starting`` with one pending VM task per VM, in order."""
+        with self._session() as db:
+            row = JobSession(job=job, full=full)
+            db.add(row)
+            db.flush()
+            for position, vm in enumerate(vms):
+                db.add(VmTask(session_id=row.id, position=position, vm=vm))
+            db.commit()
+            return row
+
+    def session(self, session_id: int) -> JobSession:
+        """:raises NotFoundError: no session with that id."""
+        with self._session() as db:
+            row = db.get(JobSession, session_id)
+        if row is None:
+            raise NotFoundError(f"no session {session_id}")
+        return row
+
+    def sessions(self, job: str | None = None, *, limit: int | None = None) -> list[JobSession]:
+        """Sessions, newest first."""
+        with self._session() as db:
+            query = select(JobSession).order_by(JobSession.id.desc())  # type: ignore[union-attr]
+            if job is not None:
+                query = query.where(JobSession.job == job)
+            if limit:
+                query = query.limit(limit)
+            return list(db.exec(query))
+
+    def running_sessions(self, job: str) -> list[JobSession]:
+        """The job's sessions not yet ``stopped``, oldest first."""
+        with self._session() as db:
+            query = (
+                select(JobSession)
+                .where(JobSession.job == job, JobSession.state != SessionState.STOPPED)
+                .order_by(JobSession.id)  # type: ignore[arg-type]
+            )
+            return list(db.exec(query))
+
+    def update_session(self, session_id: int, **fields: Any) -> None:
+        with self._session() as db:
+            db.exec(update(JobSession).where(JobSession.id == session_id).values(**fields))  # type: ignore[call-overload]
+            db.commit()
+
+    def claim_session(self, session_id: int) -> None:
+        """Record this process as the session's runner."""
+        self.update_session(
+            session_id,
+            owner_host=socket.gethostname(),
+            owner_pid=os.getpid(),
+            heartbeat_at=utcnow(),
+            started_at=utcnow(),
+        )
+
+    def request_stop(self, session_id: int, mode: StopMode, message: str | None) -> StopMode:
+        """Write a stop request onto a running session; the runner acts on it.
+
+        A graceful request never weakens an immediate one already made; an immediate request
+        escalates a graceful one. Repeating a request is harmless.
+
+        :returns: the mode now in force.
+        """
+        with self._session() as db:
+            row = db.get(JobSession, session_id)
+            if row is None:
+                raise NotFoundError(f"no session {session_id}")
+            if row.stop_mode is StopMode.IMMEDIATE:
+                mode = StopMode.IMMEDIATE
+            fields: dict[str, Any] = {"stop_mode": mode}
+            if row.stop_requested_at is None or mode is not row.stop_mode:
+                fields["stop_requested_at"] = utcnow()
+            if message is not None:
+                fields["stop_message"] = message
+            db.exec(update(JobSession).where(JobSession.id == session_id).values(**fields))  # type: ignore[call-overload]
+            db.commit()
+        return mode
+
+    def stop_request(self, session_id: int) -> StopMode | None:
+        """The stop mode requested for the session, if any (polled by the runner)."""
+        with self._session() as db:
+            return db.exec(select(JobSession.stop_mode).where(JobSession.id == session_id)).first()
+
+    # -- VM tasks ---------------------------------------------------------------------------
+
+    def tasks(self, session_id: int) -> list[VmTask]:
+        """The session's VM tasks in processing order."""
+        with self._session() as db:
+            query = select(VmTask).where(VmTask.session_id == session_id).order_by(VmTask.position)  # type: ignore[arg-type]
+            return list(db.exec(query))
+
+    def update_task(self, task_id: int, **fields: Any) -> None:
+        with self._session() as db:
+            db.exec(update(VmTask).where(VmTask.id == task_id).values(**fields))  # type: ignore[call-overload]
+            db.commit()
+
+    def last_results(self) -> dict[str, JobSession]:
+        """The newest session of every job."""
+        latest: dict[str, JobSession] = {}
+        for row in self.sessions():
+            latest.setdefault(row.job, row)
+        return latest
+
+    # -- log --------------------------------------------------------------------------------
+
+    def log(self, session_id: int, text: str, *, level: str = "info", vm: str | None = None) -> None:
+        with self._session() as db:
+            db.add(SessionLog(session_id=session_id, level=level, vm=vm, text=text))
+            db.commit()
+
+    def log_lines(self, session_id: int) -> list[SessionLog]:
+        with self._session() as db:
+            query = select(SessionLog).where(SessionLog.session_id == session_id).order_by(SessionLog.id)  # type: ignore[arg-type]
+            return list(db.exec(query))
+
+    # -- VM locks ---------------------------------------------------------------------------
+
+    def try_lock_vm(self, key: str, session_id: int) -> int | None:
+        """Take the lock of one VM for a session.
+
+        :returns: None when taken (or already held by this session), else the id of the
+            session holding it. A lock held by a session that has ended is taken over.
+        """
+        with self._session() as db:
+            try:
+                db.add(VmLock(key=key, session_id=session_id))
+                db.commit()
+                return None
+            except IntegrityError:
+                db.rollback()
+            holder = db.get(VmLock, key)
+            if holder is None or holder.session_id == session_id:
+                return None if holder else self.try_lock_vm(key, session_id)
+            owner = db.get(JobSession, holder.session_id)
+            if owner is not None and owner.state is not SessionState.STOPPED:
+                return holder.session_id
+            taken = db.exec(
+                update(VmLock)  # type: ignore[call-overload]
+                .where(VmLock.key == key, VmLock.session_id == holder.session_id)
+                .values(session_id=session_id, acquired_at=utcnow())
+            )
+            db.commit()
+            return None if taken.rowcount == 1 else self.try_lock_vm(key, session_id)
+
+    def release_vm(self, key: str, session_id: int) -> None:
+        with self._session() as db:
+            lock = db.get(VmLock, key)
+            if lock is not None and lock.session_id == session_id:
+                db.delete(lock)
+                db.commit()
+
+    # -- dead runners -----------------------------------------------------------------------
+
+    def end_dead_sessions(self) -> list[int]:
+        """End ``failed`` every running session whose runner process on this host is gone
+        (a crash, a kill -9), so it no longer looks running and its VM locks free up.
+
+        :returns: the ids of the sessions ended.
+        """
+        host = socket.gethostname()
+        ended: list[int] = []
+        with self._session() as db:
+            query = select(JobSession).where(
+                JobSession.state != SessionState.STOPPED, JobSession.owner_host == host
+            )
+            for row in db.exec(query):
+                if row.owner_pid is not None and not _pid_alive(row.owner_pid):
+                    ended.append(row.id)  # type: ignore[arg-type]
+        for session_id in ended:
+            self.update_session(
+                session_id,
+                state=SessionState.STOPPED,
+                result=SessionResult.FAILED,
+                message="the session's runner process ended unexpectedly",
+                ended_at=utcnow(),
+            )
+            for task in self.tasks(session_id):
+                if not task.status.is_final:
+                    self.update_task(task.id, status=TaskStatus.FAILED, error="runner process ended", ended_at=utcnow())  # type: ignore[arg-type]
+        return ended
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
