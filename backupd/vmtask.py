@@ -1,0 +1,372 @@
+"""One VM task: snapshot, transfer into a restore point, snapshot removal.
+
+Per VM, in this order (DESIGN.md, "Data flow"):
+
+1. take the VM's lock in the state DB (one session per VM at a time; wait up to
+   ``vm_lock_timeout_seconds``);
+2. create the snapshot, quiesced if the job asks; a :class:`~providers.base.QuiesceError` falls
+   back to a crash-consistent snapshot and the VM ends ``warning``;
+3. record the snapshot id in the state DB before anything else, so no snapshot is ever
+   created that the state DB does not know of;
+4. transfer: per disk, the areas CBT reports changed since the disk's changeId in the VM's
+   previous restore point of this job (incremental), else every in-use area (full); blocks are
+   read on this thread and hashed, compressed and written by the session's block pool, at most
+   :data:`IN_FLIGHT_BLOCKS` at a time, so memory stays flat whatever the disk size;
+5. commit the restore point (its manifest is written last and atomically);
+6. remove the snapshot (retried; a removal that still fails is recorded on the task);
+7. apply retention to the VM's restore points of this job.
+
+An immediate stop is checked between blocks: the restore point in progress is aborted (nothing
+of it becomes a restore point) and the snapshot is removed. Transient provider errors are
+retried per the job's retry settings, and retries end as soon as an immediate stop comes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+from backupd.enums import TaskStatus, TransferMode
+from backupd.errors import BackupdError, SessionCancelled
+from backupd.retry import call_with_retry
+from backupd.state import VmTask as VmTaskRow, utcnow
+from providers.base import (
+    CbtUnavailable,
+    Disk,
+    DiskReader,
+    Extent,
+    Provider,
+    ProviderError,
+    QuiesceError,
+    Snapshot,
+    VmInfo,
+)
+
+if TYPE_CHECKING:
+    from backupd.engine import SessionRunner
+    from backupd.repository import DiskWriter, PointWriter, Repository
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: blocks read but not yet written, per VM task (each at most one block, 1 MiB by default)
+IN_FLIGHT_BLOCKS = 8
+#: seconds between two progress updates of a VM task in the state DB
+PROGRESS_SECONDS = 0.5
+#: seconds between two attempts to take a VM's lock
+LOCK_POLL_SECONDS = 0.5
+
+
+class _NotStarted(Exception):
+    """A graceful stop came before this VM's snapshot creation began."""
+
+
+def blocks_of(extents: list[Extent], block_size: int, capacity: int) -> list[int]:
+    """The numbers of the fixed-size blocks that the extents touch, sorted, each once.
+
+    :param extents: byte ranges (any alignment).
+    :param block_size: bytes per block.
+    :param capacity: disk size in bytes; blocks past it are not returned.
+    """
+    last = (capacity - 1) // block_size if capacity > 0 else -1
+    numbers: set[int] = set()
+    for extent in extents:
+        if extent.length <= 0:
+            continue
+        first = extent.offset // block_size
+        end = min((extent.end - 1) // block_size, last)
+        numbers.update(range(first, end + 1))
+    return sorted(numbers)
+
+
+class _DiskPlan:
+    """What to read of one disk, decided before the transfer starts."""
+
+    def __init__(self, disk: Disk, blocks: list[int], base_point: str | None) -> None:
+        self.disk = disk
+        self.blocks = blocks
+        #: the restore point whose block map this disk starts from (incremental), or None
+        self.base_point = base_point
+
+
+class VmTask:
+    """Processes one VM of a session; :meth:`run` never raises.
+
+    :param runner: the session runner (stop signal, config, state DB).
+    :param row: the VM task's row in the state DB.
+    :param provider: the job's provider.
+    :param repository: the job's repository.
+    :param block_pool: the session's pool for hashing, compressing and writing blocks.
+    """
+
+    def __init__(
+        self,
+        runner: "SessionRunner",
+        row: VmTaskRow,
+        provider: Provider,
+        repository: "Repository",
+        block_pool: Executor,
+    ) -> None:
+        self.runner = runner
+        self.row = row
+        self.provider = provider
+        self.repository = repository
+        self.block_pool = block_pool
+        self.store = runner.store
+        self.job = runner.job
+        self.job_name = runner.session.job
+        self.session_id: int = runner.session.id  # type: ignore[assignment]
+        self.stop = runner.stop
+        self.vm_name = row.vm
+        self.warnings: list[str] = []
+        self._bytes_read = 0
+        self._bytes_stored = 0
+        self._last_progress = 0.0
+
+    # -- outcome ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._update(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow())
+        lock_key = f"{self.job.provider}/{self.vm_name}"
+        try:
+            self._wait_for_vm_lock(lock_key)
+            try:
+                point_id, mode = self._process()
+            finally:
+                self.store.release_vm(lock_key, self.session_id)
+        except _NotStarted:
+            self._finish(TaskStatus.NOT_PROCESSED, stage=None)
+            return
+        except Exception as exc:  # every failure ends this VM only; the session goes on
+            self._fail(exc)
+            return
+        status = TaskStatus.WARNING if self.warnings else TaskStatus.SUCCESS
+        self._finish(status, restore_point=point_id, mode=mode.value, warning="; ".join(self.warnings) or None)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.stop.cancel.is_set():
+            self._log("cancelled by an immediate stop", level="warning")
+            self._finish(TaskStatus.CANCELLED, error="cancelled by an immediate stop")
+            return
+        if isinstance(exc, (ProviderError, BackupdError)):
+            text = str(exc)
+        else:
+            log.exception("VM task %s of session %s", self.vm_name, self.session_id)
+            text = f"internal error: {type(exc).__name__}: {exc}"
+        self._log(f"failed: {text}", level="error")
+        self._finish(TaskStatus.FAILED, error=text)
+
+    def _finish(self, status: TaskStatus, **fields: object) -> None:
+        fields.setdefault("stage", "done")
+        self._update(status=status, ended_at=utcnow(), bytes_read=self._bytes_read, bytes_stored=self._bytes_stored, **fields)
+
+    # -- the steps --------------------------------------------------------------------------
+
+    def _wait_for_vm_lock(self, key: str) -> None:
+        deadline = time.monotonic() + self.job.vm_lock_timeout_seconds
+        announced = False
+        while True:
+            holder = self.store.try_lock_vm(key, self.session_id)
+            if holder is None:
+                return
+            if not announced:
+                self._log(f"waiting for session {holder}, which is processing this VM")
+                announced = True
+            if time.monotonic() >= deadline:
+                raise BackupdError(
+                    f"VM {self.vm_name!r} is being processed by session {holder}; it was not "
+                    f"released within {self.job.vm_lock_timeout_seconds:g} s"
+                )
+            if self.stop.requested:
+                raise _NotStarted if not self.stop.cancel.is_set() else SessionCancelled("cancelled")
+            self.stop.cancel.wait(LOCK_POLL_SECONDS)
+
+    def _process(self) -> tuple[str, TransferMode]:
+        vm = self._retry(lambda: self.provider.find_vm(self.vm_name))
+        # The last moment a graceful stop keeps this VM from starting: read it from the DB now,
+        # not at the next poll, so "stop before the first VM" is exact.
+        if self.stop.refresh() is not None:
+            if self.stop.cancel.is_set():
+                raise SessionCancelled("cancelled")
+            raise _NotStarted
+        self.runner.first_snapshot_begun.set()
+        self._update(stage="snapshot")
+        snapshot = self._create_snapshot(vm)
+        self._update(snapshot_id=snapshot.id)
+        self._log(f"snapshot {snapshot.id} created" + (" (quiesced)" if snapshot.quiesced else ""))
+        try:
+            self._check_cancel()
+            point_id, mode = self._transfer(snapshot)
+        finally:
+            self._remove_snapshot(snapshot)
+        removed = self.repository.apply_retention(vm=self.vm_name, job=self.job_name, keep=self.job.retention)
+        if removed:
+            self._log(f"retention removed {len(removed)} restore point(s): {', '.join(removed)}")
+        return point_id, mode
+
+    def _create_snapshot(self, vm: VmInfo) -> Snapshot:
+        def create(quiesce: bool) -> Callable[[], Snapshot]:
+            return lambda: self.provider.create_snapshot(
+                vm,
+                name=f"backupd-{self.job_name}-{self.session_id}",
+                description=f"Created by backupd for job {self.job_name}, session {self.session_id}",
+                quiesce=quiesce,
+            )
+
+        if not self.job.quiesce:
+            return self._retry(create(False))
+        try:
+            return self._retry(create(True))
+        except QuiesceError as exc:
+            self.warnings.append(f"quiesce failed, took a crash-consistent snapshot instead: {exc}")
+            self._log(self.warnings[-1], level="warning")
+            return self._retry(create(False))
+
+    def _remove_snapshot(self, snapshot: Snapshot) -> None:
+        """Remove the snapshot, retrying transient errors even during an immediate stop (the
+        contract: every snapshot the session created is removed)."""
+        self._update(stage="remove_snapshot")
+        try:
+            call_with_retry(lambda: self.provider.remove_snapshot(snapshot), self.job.retry, before_retry=self._note_retry)
+        except ProviderError as exc:
+            text = f"snapshot {snapshot.id} could not be removed: {exc}"
+            self.warnings.append(text)
+            self._log(text, level="error")
+            self._update(snapshot_error=str(exc))
+            return
+        self._update(snapshot_removed=True)
+        self._log(f"snapshot {snapshot.id} removed")
+
+    def _transfer(self, snapshot: Snapshot) -> tuple[str, TransferMode]:
+        self._update(stage="transfer")
+        plans = self._plan(snapshot)
+        mode = TransferMode.INCREMENTAL if all(p.base_point for p in plans) else TransferMode.FULL
+        block_size = self.repository.block_size
+        total = sum(
+            min(block_size, plan.disk.capacity_bytes - number * block_size)
+            for plan in plans
+            for number in plan.blocks
+        )
+        self._update(mode=mode.value, bytes_total=total)
+        self._log(f"{mode.value} transfer of {len(plans)} disk(s), {total} bytes to read")
+        writer: PointWriter
+        with self.repository.new_point(
+            vm=self.vm_name, job=self.job_name, session=str(self.session_id), mode=mode.value
+        ) as writer:
+            for plan in plans:
+                disk_writer = writer.add_disk(
+                    key=plan.disk.key,
+                    label=plan.disk.label,
+                    capacity_bytes=plan.disk.capacity_bytes,
+                    change_id=plan.disk.change_id,
+                    base_point=plan.base_point,
+                )
+                reader = self._retry(lambda plan=plan: self.provider.open_disk(snapshot, plan.disk))
+                with reader:
+                    self._copy_blocks(reader, disk_writer, plan)
+            self._check_cancel()
+            self._update(stage="commit")
+            info = writer.commit()
+        self._log(f"restore point {info.id} committed ({mode.value}, {self._bytes_read} bytes read, {self._bytes_stored} stored)")
+        return info.id, mode
+
+    def _plan(self, snapshot: Snapshot) -> list[_DiskPlan]:
+        previous = None if self.runner.session.full else self.repository.latest_point(vm=self.vm_name, job=self.job_name)
+        previous_disks = {disk.key: disk for disk in previous.disks} if previous else {}
+        block_size = self.repository.block_size
+        plans = []
+        for disk in self._retry(lambda: self.provider.disks(snapshot)):
+            base = previous_disks.get(disk.key)
+            extents: list[Extent] | None = None
+            if previous is not None and base is not None and base.change_id and disk.change_id \
+                    and base.capacity_bytes == disk.capacity_bytes:
+                try:
+                    extents = self._retry(lambda disk=disk, since=base.change_id: self.provider.changed_areas(snapshot, disk, since))
+                except CbtUnavailable as exc:
+                    self._log(f"{disk.label}: changed block tracking unavailable ({exc}); reading the whole disk", level="warning")
+            if extents is not None:
+                plans.append(_DiskPlan(disk, blocks_of(extents, block_size, disk.capacity_bytes), previous.id))  # type: ignore[union-attr]
+                continue
+            try:
+                extents = self._retry(lambda disk=disk: self.provider.changed_areas(snapshot, disk, "*"))
+            except CbtUnavailable:
+                extents = [Extent(0, disk.capacity_bytes)]
+            plans.append(_DiskPlan(disk, blocks_of(extents, block_size, disk.capacity_bytes), None))
+        return plans
+
+    def _copy_blocks(self, reader: DiskReader, disk_writer: "DiskWriter", plan: _DiskPlan) -> None:
+        """Read the plan's blocks in order; hash, compress and store them on the block pool.
+
+        :raises SessionCancelled: an immediate stop came (checked between blocks).
+        """
+        block_size = self.repository.block_size
+        capacity = plan.disk.capacity_bytes
+        room = threading.BoundedSemaphore(IN_FLIGHT_BLOCKS)
+        errors: list[BaseException] = []
+        pending: set[Future[int]] = set()
+        guard = threading.Lock()
+
+        def stored(future: Future[int]) -> None:
+            room.release()
+            with guard:
+                pending.discard(future)
+                if future.exception() is not None:
+                    errors.append(future.exception())  # type: ignore[arg-type]
+                else:
+                    self._bytes_stored += future.result()
+
+        try:
+            for number in plan.blocks:
+                self._check_cancel()
+                if errors:
+                    break
+                offset = number * block_size
+                length = min(block_size, capacity - offset)
+                data = self._retry(lambda offset=offset, length=length: reader.read(offset, length))
+                while not room.acquire(timeout=0.1):
+                    self._check_cancel()
+                future = self.block_pool.submit(disk_writer.put_block, number, data)
+                with guard:
+                    pending.add(future)
+                future.add_done_callback(stored)
+                self._bytes_read += len(data)
+                self._progress()
+        finally:
+            # Blocks handed to the pool finish before the restore point is committed or
+            # aborted (at most IN_FLIGHT_BLOCKS of them).
+            while True:
+                with guard:
+                    waiting = list(pending)
+                if not waiting:
+                    break
+                waiting[0].exception()  # waits; the callback collects errors
+        if errors:
+            raise errors[0]
+        self._check_cancel()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        return call_with_retry(fn, self.job.retry, cancel=self.stop.cancel, before_retry=self._note_retry)
+
+    def _note_retry(self, attempt: int, exc: BaseException) -> None:
+        self._log(f"attempt {attempt} failed, retrying in {self.job.retry.wait_seconds:g} s: {exc}", level="warning")
+
+    def _check_cancel(self) -> None:
+        if self.stop.cancel.is_set():
+            raise SessionCancelled("cancelled by an immediate stop")
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_SECONDS:
+            self._last_progress = now
+            self._update(bytes_read=self._bytes_read, bytes_stored=self._bytes_stored)
+
+    def _update(self, **fields: object) -> None:
+        self.store.update_task(self.row.id, **fields)  # type: ignore[arg-type]
+
+    def _log(self, text: str, *, level: str = "info") -> None:
+        self.store.log(self.session_id, text, level=level, vm=self.vm_name)
