@@ -1,0 +1,455 @@
+"""The ``backupd`` command line.
+
+Thin: each command parses its options, calls :class:`backupd.service.Backupd` and prints text or
+one JSON document (``--json``, on stdout and nothing else there). Errors are printed on stderr
+and mapped to exit codes in one place (:func:`main`): 0 success, 1 warning, 2 failed, 3 no
+running session to stop, 4 not found, 64 usage error, 78 config error.
+
+Heavy modules (SQLAlchemy, the engine, the repository, rich) are imported inside the commands
+that need them, so ``backupd --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from backupd.errors import BackupdError, UsageError
+
+if TYPE_CHECKING:
+    from backupd.service import Backupd
+
+
+class _Context:
+    """Per-invocation state: the config path, and the service opened from it on first use."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self._service: Backupd | None = None
+
+    @property
+    def service(self) -> "Backupd":
+        if self._service is None:
+            from backupd.config import load_config
+            from backupd.service import Backupd
+
+            self._service = Backupd(load_config(self.config_path))
+        return self._service
+
+
+pass_ctx = click.make_pass_decorator(_Context)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+
+
+def _print_json(document: Any) -> None:
+    from backupd.render import dumps
+
+    click.echo(dumps(document))
+
+
+def _default_config() -> str:
+    from backupd.config import default_config_path
+
+    return str(default_config_path())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    default=_default_config, show_default="$BACKUPD_CONFIG, else ./backupd.toml",
+    help="The config file.",
+)
+@click.version_option(package_name="backupd")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path) -> None:
+    """backupd: back up virtual machines into a deduplicating repository.
+
+    Exit codes: 0 success, 1 warning, 2 failed, 3 no running session to stop, 4 not found,
+    64 usage error, 78 config error.
+    """
+    ctx.obj = _Context(config_path)
+
+
+# -- job ----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def job() -> None:
+    """Jobs: list, start, stop."""
+
+
+@job.command("list")
+@json_option
+@pass_ctx
+def job_list(ctx: _Context, as_json: bool) -> None:
+    """Jobs with their VMs and last session result."""
+    from backupd.render import session_summary, table
+
+    service = ctx.service
+    last = service.store.last_results()
+    jobs = []
+    for name, settings in sorted(service.config.jobs.items()):
+        session = last.get(name)
+        jobs.append({
+            "name": name, "provider": settings.provider, "repository": settings.repository,
+            "vms": list(settings.vms), "max_parallel_vms": settings.max_parallel_vms,
+            "last_session": session_summary(session) if session else None,
+        })
+    if as_json:
+        _print_json(jobs)
+        return
+    click.echo(table(
+        ["JOB", "PROVIDER", "REPOSITORY", "VMS", "LAST SESSION", "RESULT"],
+        ([j["name"], j["provider"], j["repository"], ", ".join(j["vms"]),
+          j["last_session"]["id"] if j["last_session"] else None,
+          (j["last_session"]["result"] or j["last_session"]["state"]) if j["last_session"] else None]
+         for j in jobs),
+    ))
+
+
+@job.command("start")
+@click.argument("job_name", metavar="JOB")
+@click.option("--wait", is_flag=True, help="Run in the foreground with a live progress view; exit code by result.")
+@click.option("--full", is_flag=True, help="Read every disk in full, whatever changed block tracking allows.")
+@json_option
+@pass_ctx
+def job_start(ctx: _Context, job_name: str, wait: bool, full: bool, as_json: bool) -> None:
+    """Start a session of JOB and print its id.
+
+    Without --wait the session runs in a detached background process and the command returns
+    at once. With --wait, Ctrl-C asks for a graceful stop, a second Ctrl-C an immediate one.
+    """
+    service = ctx.service
+    session = service.create_session(job_name, full=full)
+    assert session.id is not None
+    if not wait:
+        service.start_detached(session.id)
+        if as_json:
+            _print_json({"session": session.id, "job": job_name, "detached": True})
+        else:
+            click.echo(f"session {session.id} started (job {job_name})")
+        return
+    from backupd.progress import run_in_foreground
+    from backupd.render import session_document, session_text
+
+    if not as_json:
+        click.echo(f"session {session.id} started (job {job_name})", err=True)
+    result = run_in_foreground(service, session.id, live=not as_json and sys.stderr.isatty())
+    document = session_document(service.store.session(session.id), service.store.tasks(session.id))
+    if as_json:
+        _print_json(document)
+    else:
+        click.echo(session_text(document))
+    sys.exit(result.exit_code)
+
+
+@job.command("stop")
+@click.argument("jobs", metavar="JOB...", nargs=-1, required=True)
+@click.option("--graceful", "mode", flag_value="graceful", default=True,
+              help="Start no new VM; VMs in flight finish their restore points (default).")
+@click.option("--immediate", "mode", flag_value="immediate",
+              help="Cancel VMs in flight, remove this session's snapshots; result failed.")
+@click.option("--message", help="Why; stored with each stopped session (at most 320 characters).")
+@click.option("--wait", is_flag=True, help="Wait until every stopped session has ended.")
+@json_option
+@pass_ctx
+def job_stop(ctx: _Context, jobs: tuple[str, ...], mode: str, message: str | None, wait: bool, as_json: bool) -> None:
+    """Stop the running sessions of one or more jobs, from any process."""
+    from backupd.enums import StopMode
+
+    service = ctx.service
+    outcomes = service.stop_jobs(list(jobs), StopMode(mode), message)
+    stopped = [o.session for o in outcomes if o.session is not None]
+    if wait:
+        service.wait_stopped(stopped)  # type: ignore[arg-type]
+    if as_json:
+        _print_json({"stops": [
+            {"job": o.job, "session": o.session, "outcome": o.outcome, "mode": o.mode.value if o.mode else None}
+            for o in outcomes
+        ]})
+    else:
+        for o in outcomes:
+            if o.session is not None:
+                click.echo(f"job {o.job}: {o.mode.value} stop requested for session {o.session}"  # type: ignore[union-attr]
+                           + (" (ended)" if wait else ""))
+    error = service.no_session_error(outcomes)
+    if error is not None:
+        raise error
+
+
+@job.command("run-session", hidden=True)
+@click.argument("session_id", type=int)
+@pass_ctx
+def job_run_session(ctx: _Context, session_id: int) -> None:
+    """Run a created session (the detached runner of ``job start``)."""
+    result = ctx.service.run_session(session_id)
+    sys.exit(result.exit_code)
+
+
+# -- session ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def session() -> None:
+    """Job sessions: list, show."""
+
+
+@session.command("list")
+@click.option("--job", "job_name", help="Only this job's sessions.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@pass_ctx
+def session_list(ctx: _Context, job_name: str | None, limit: int, as_json: bool) -> None:
+    """Sessions, newest first."""
+    from backupd.render import session_summary, table
+
+    service = ctx.service
+    if job_name is not None:
+        service.config.job(job_name)
+    rows = [session_summary(s) for s in service.store.sessions(job_name, limit=limit)]
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(table(["ID", "JOB", "STATE", "RESULT", "STARTED", "ENDED"],
+                     ([r["id"], r["job"], r["state"], r["result"], r["started_at"], r["ended_at"]] for r in rows)))
+
+
+@session.command("show")
+@click.argument("session_id", metavar="ID", type=int)
+@json_option
+@pass_ctx
+def session_show(ctx: _Context, session_id: int, as_json: bool) -> None:
+    """One session: state, result, stop request, and every VM in order."""
+    from backupd.render import session_document, session_text
+
+    store = ctx.service.store
+    document = session_document(store.session(session_id), store.tasks(session_id), store.log_lines(session_id))
+    if as_json:
+        _print_json(document)
+    else:
+        click.echo(session_text(document))
+
+
+# -- restore points -----------------------------------------------------------------------------
+
+
+@cli.group("restore-point")
+def restore_point() -> None:
+    """Restore points: list, verify."""
+
+
+@restore_point.command("list")
+@click.option("--vm", help="Only this VM's restore points.")
+@click.option("--job", "job_name", help="Only this job's restore points.")
+@json_option
+@pass_ctx
+def restore_point_list(ctx: _Context, vm: str | None, job_name: str | None, as_json: bool) -> None:
+    """Restore points, newest first, with mode and logical and stored bytes."""
+    from backupd.render import point_document, size, table
+
+    rows = [point_document(repo, point) for repo, point in ctx.service.restore_points(vm=vm, job=job_name)]
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(table(["ID", "VM", "JOB", "SESSION", "MODE", "LOGICAL", "STORED", "CREATED"],
+                     ([r["id"], r["vm"], r["job"], r["session"], r["mode"], size(r["logical_bytes"]),
+                       size(r["stored_bytes"]), r["created_at"]] for r in rows)))
+
+
+@restore_point.command("verify")
+@click.argument("point_ids", metavar="[ID ...]", nargs=-1)
+@click.option("--all", "verify_all", is_flag=True, help="Verify every restore point.")
+@json_option
+@pass_ctx
+def restore_point_verify(ctx: _Context, point_ids: tuple[str, ...], verify_all: bool, as_json: bool) -> None:
+    """Re-read and re-hash every block the restore points reference; report damaged points."""
+    if bool(point_ids) == verify_all:
+        raise UsageError("give restore point ids or --all (not both)")
+    report = ctx.service.verify(None if verify_all else list(point_ids))
+    if as_json:
+        _print_json(report)
+    elif report["ok"]:
+        click.echo(f"ok: {report['checked_points']} restore point(s), {report['checked_blocks']} block(s) verified")
+    else:
+        click.echo(f"DAMAGED: {report['damaged_blocks']} block(s); restore points affected: "
+                   + ", ".join(report["damaged_points"]))
+    if not report["ok"]:
+        sys.exit(2)
+
+
+@cli.command("restore")
+@click.argument("vm")
+@click.option("--point", "point_id", help="The restore point (default: the VM's newest).")
+@click.option("--to", "to_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write one raw image per disk into.")
+@json_option
+@pass_ctx
+def restore(ctx: _Context, vm: str, point_id: str | None, to_dir: Path, as_json: bool) -> None:
+    """Write the disks of a restore point of VM as raw images and print their paths."""
+    point, images = ctx.service.restore(vm, to_dir, point_id=point_id)
+    if as_json:
+        _print_json({"point": point, "images": [str(p) for p in images]})
+    else:
+        click.echo(f"restore point {point}:")
+        for image in images:
+            click.echo(str(image))
+
+
+# -- VMs ----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def vm() -> None:
+    """VMs of the configured providers."""
+
+
+@vm.command("list")
+@click.option("--provider", "provider_name", help="Only this provider's VMs.")
+@json_option
+@pass_ctx
+def vm_list(ctx: _Context, provider_name: str | None, as_json: bool) -> None:
+    """VMs with power state, disks and current snapshots."""
+    from backupd.render import size, table
+
+    service = ctx.service
+    names = [provider_name] if provider_name else sorted(service.config.providers)
+    rows = []
+    for name in names:
+        provider = service.provider(name)
+        try:
+            for info in provider.list_vms():
+                rows.append({
+                    "name": info.name, "provider": name, "power_state": info.power_state,
+                    "disks": [{"key": d.key, "label": d.label, "capacity_bytes": d.capacity_bytes,
+                               "change_id": d.change_id} for d in info.disks],
+                    "snapshots": [{"id": s.id, "name": s.name, "created_at": s.created_at.isoformat()}
+                                  for s in provider.list_snapshots(info)],
+                })
+        finally:
+            provider.close()
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(table(["VM", "PROVIDER", "POWER", "DISKS", "SNAPSHOTS"], (
+        [r["name"], r["provider"], r["power_state"], ", ".join(size(d["capacity_bytes"]) for d in r["disks"]),
+         ", ".join(f"{s['id']} {s['name']} ({s['created_at']})" for s in r["snapshots"]) or None]
+        for r in rows)))
+
+
+# -- simulated hypervisor -----------------------------------------------------------------------
+
+
+@cli.group()
+def sim() -> None:
+    """The simulated hypervisor: guest writes, faults, CBT reset."""
+
+
+provider_option = click.option("--provider", "provider_name", help="The simulated provider (when several have the VM).")
+
+
+@sim.command("write")
+@click.argument("vm")
+@provider_option
+@click.option("--disk", type=click.IntRange(min=0), default=0, show_default=True, help="Disk index.")
+@click.option("--blocks", type=click.IntRange(min=1), help="Write this many random 1 MiB blocks at random offsets.")
+@click.option("--seed", type=int, help="Seed for --blocks, for a reproducible write.")
+@click.option("--file", "file_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Write this file's bytes ...")
+@click.option("--offset", type=click.IntRange(min=0), help="... at this byte offset.")
+@json_option
+@pass_ctx
+def sim_write(ctx: _Context, vm: str, provider_name: str | None, disk: int, blocks: int | None, seed: int | None,
+              file_path: Path | None, offset: int | None, as_json: bool) -> None:
+    """Write to a VM's disk through the guest write path (changes CBT, copy-on-write)."""
+    if (blocks is None) == (file_path is None):
+        raise UsageError("give either --blocks K or --file PATH --offset BYTES")
+    if file_path is not None and offset is None:
+        raise UsageError("--file needs --offset BYTES")
+    provider = ctx.service.simulated_provider(vm, provider_name)
+    if blocks is not None:
+        extents = provider.write_random_blocks(vm, disk=disk, blocks=blocks, seed=seed)
+    else:
+        extents = [provider.write_data(vm, disk=disk, offset=offset, data=file_path.read_bytes())]  # type: ignore[arg-type, union-attr]
+    written = [{"offset": e.offset, "length": e.length} for e in extents]
+    if as_json:
+        _print_json({"vm": vm, "disk": disk, "extents": written})
+    else:
+        click.echo(f"wrote {sum(e['length'] for e in written)} bytes in {len(written)} extent(s) to {vm} disk {disk}")
+
+
+@sim.command("fault")
+@click.argument("vm")
+@provider_option
+@click.option("--op", type=click.Choice(["create_snapshot", "quiesce", "remove_snapshot", "read"]),
+              help="The operation that fails.")
+@click.option("--times", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Fail the next N calls with a transient (retried) error.")
+@click.option("--permanent", is_flag=True, help="Fail every call with a non-transient error until --clear.")
+@click.option("--clear", is_flag=True, help="Remove every fault of the VM.")
+@json_option
+@pass_ctx
+def sim_fault(ctx: _Context, vm: str, provider_name: str | None, op: str | None, times: int, permanent: bool,
+              clear: bool, as_json: bool) -> None:
+    """Arm a fault that a running job sees at its next call."""
+    provider = ctx.service.simulated_provider(vm, provider_name)
+    if clear:
+        provider.clear_faults(vm)
+    elif op is None:
+        raise UsageError("give --op OPERATION (or --clear)")
+    else:
+        provider.set_fault(vm, op, times=times, permanent=permanent)
+    armed = provider.faults(vm)
+    if as_json:
+        _print_json({"vm": vm, "faults": armed})
+    else:
+        click.echo(f"{vm}: faults armed: {armed or 'none'}")
+
+
+@sim.command("cbt-reset")
+@click.argument("vm")
+@provider_option
+@json_option
+@pass_ctx
+def sim_cbt_reset(ctx: _Context, vm: str, provider_name: str | None, as_json: bool) -> None:
+    """Reset changed block tracking: earlier changeIds become invalid (next transfer is full)."""
+    provider = ctx.service.simulated_provider(vm, provider_name)
+    provider.reset_cbt(vm)
+    if as_json:
+        _print_json({"vm": vm, "cbt_reset": True})
+    else:
+        click.echo(f"{vm}: changed block tracking reset")
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run the CLI and exit with the code the outcome maps to."""
+    from providers.base import ProviderError, VmNotFound
+
+    code = 0
+    try:
+        cli.main(args=argv, prog_name="backupd", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("backupd: aborted", err=True)
+        code = 130
+    except click.ClickException as exc:  # usage errors: bad option, missing argument
+        exc.show()
+        code = 64
+    except BackupdError as exc:
+        click.echo(f"backupd: {exc}", err=True)
+        code = exc.exit_code
+    except VmNotFound as exc:
+        click.echo(f"backupd: {exc}", err=True)
+        code = 4
+    except ProviderError as exc:
+        click.echo(f"backupd: provider error: {exc}", err=True)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

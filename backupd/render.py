@@ -1,0 +1,168 @@
+"""What the CLI prints: JSON documents (the scripting contract) and text tables.
+
+The JSON shapes are a contract with scripts (README, "JSON output"): keys are only ever added.
+Statuses are the lower-case words of the vocabulary; times are ISO 8601 UTC; sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Iterable
+
+from backupd.state import JobSession, SessionLog, VmTask, as_utc
+
+if TYPE_CHECKING:
+    from backupd.repository import PointInfo
+
+
+def dumps(document: Any) -> str:
+    """One JSON document, as ``--json`` prints it."""
+    return json.dumps(document, indent=2, default=_default)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _time(value)
+    if hasattr(value, "value"):
+        return value.value
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _time(value: datetime | None) -> str | None:
+    value = as_utc(value)
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    start, end = as_utc(start), as_utc(end)
+    return round((end - start).total_seconds(), 3) if start and end else None
+
+
+def _value(member: Any) -> Any:
+    return member.value if member is not None else None
+
+
+def session_summary(session: JobSession) -> dict[str, Any]:
+    """A session as ``session list --json`` gives it."""
+    return {
+        "id": session.id,
+        "job": session.job,
+        "state": _value(session.state),
+        "result": _value(session.result),
+        "started_at": _time(session.started_at or session.created_at),
+        "ended_at": _time(session.ended_at),
+    }
+
+
+def task_document(task: VmTask) -> dict[str, Any]:
+    """One VM task inside ``session show --json``."""
+    return {
+        "name": task.vm,
+        "status": task.status.value,
+        "mode": task.mode,
+        "stage": task.stage,
+        "restore_point": task.restore_point,
+        "snapshot": (
+            {"id": task.snapshot_id, "removed": task.snapshot_removed, "error": task.snapshot_error}
+            if task.snapshot_id else None
+        ),
+        "error": task.error,
+        "warning": task.warning,
+        "bytes_read": task.bytes_read,
+        "bytes_total": task.bytes_total,
+        "bytes_stored": task.bytes_stored,
+        "started_at": _time(task.started_at),
+        "ended_at": _time(task.ended_at),
+        "duration_seconds": _seconds(task.started_at, task.ended_at),
+    }
+
+
+def session_document(session: JobSession, tasks: list[VmTask], log: list[SessionLog] | None = None) -> dict[str, Any]:
+    """A session as ``session show --json`` gives it."""
+    document = session_summary(session)
+    document.update(
+        message=session.message,
+        full=session.full,
+        stop=(
+            {"mode": session.stop_mode.value, "message": session.stop_message,
+             "requested_at": _time(session.stop_requested_at)}
+            if session.stop_mode else None
+        ),
+        duration_seconds=_seconds(session.started_at, session.ended_at),
+        vms=[task_document(task) for task in tasks],
+    )
+    if log is not None:
+        document["log"] = [
+            {"at": _time(line.at), "level": line.level, "vm": line.vm, "text": line.text} for line in log
+        ]
+    return document
+
+
+def point_document(repository: str, point: "PointInfo") -> dict[str, Any]:
+    """A restore point as ``restore-point list --json`` gives it."""
+    return {
+        "id": point.id,
+        "vm": point.vm,
+        "job": point.job,
+        "session": int(point.session) if str(point.session).isdigit() else point.session,
+        "mode": point.mode,
+        "logical_bytes": point.logical_bytes,
+        "stored_bytes": point.stored_bytes,
+        "bytes_read": point.bytes_read,
+        "created_at": _time(point.created_at),
+        "repository": repository,
+        "disks": [
+            {"key": d.key, "label": d.label, "capacity_bytes": d.capacity_bytes, "change_id": d.change_id}
+            for d in point.disks
+        ],
+    }
+
+
+def size(count: int | None) -> str:
+    """Bytes in binary units, e.g. ``12.5 MiB``."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
+    """A plain left-aligned text table."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def session_text(document: dict[str, Any]) -> str:
+    """``session show`` for a person."""
+    lines = [
+        f"session {document['id']}  job {document['job']}  state {document['state']}  "
+        f"result {document['result'] or '-'}",
+    ]
+    if document["message"]:
+        lines.append(f"message: {document['message']}")
+    if document["stop"]:
+        stop = document["stop"]
+        lines.append(f"stop: {stop['mode']} at {stop['requested_at']}" + (f": {stop['message']}" if stop["message"] else ""))
+    lines.append(f"started {document['started_at']}  ended {document['ended_at'] or '-'}")
+    lines.append("")
+    rows = []
+    for vm in document["vms"]:
+        snapshot = vm["snapshot"]
+        snap = "-" if not snapshot else f"{snapshot['id']} ({'removed' if snapshot['removed'] else 'NOT removed'})"
+        rows.append([
+            vm["name"], vm["status"], vm["mode"], f"{size(vm['bytes_read'])}/{size(vm['bytes_total'])}",
+            size(vm["bytes_stored"]), vm["restore_point"], snap, vm["error"] or vm["warning"],
+        ])
+    lines.append(table(["VM", "STATUS", "MODE", "READ", "STORED", "RESTORE POINT", "SNAPSHOT", "ERROR/WARNING"], rows))
+    if document.get("log"):
+        lines.append("")
+        for line in document["log"]:
+            who = f"[{line['vm']}] " if line["vm"] else ""
+            lines.append(f"{line['at']}  {line['level']:<7} {who}{line['text']}")
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""The operations an administrator or a script performs, as a Python API.
+
+The CLI (:mod:`backupd.cli`) is a thin shell over this class; integration tests and, later, the
+daemon call the same methods. Every method validates its input against the config and raises
+a :class:`~backupd.errors.BackupdError` that knows its exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backupd.config import MAX_STOP_MESSAGE, Config
+from backupd.enums import SessionResult, SessionState, StopMode
+from backupd.errors import NoRunningSessionError, NotFoundError, UsageError
+from backupd.state import JobSession, StateStore
+
+if TYPE_CHECKING:
+    from backupd.repository import PointInfo, Repository, VerifyResult
+    from providers.base import Provider
+    from providers.simulated import SimulatedProvider
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """What a stop request did for one job.
+
+    :ivar outcome: ``stop_requested`` or ``no_running_session``.
+    :ivar session: the session the request was written to, if any.
+    :ivar mode: the stop mode now in force on that session.
+    """
+
+    job: str
+    outcome: str
+    session: int | None
+    mode: StopMode | None
+
+
+class Backupd:
+    """Operations on one config.
+
+    :param config: the validated config.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._store: StateStore | None = None
+
+    @property
+    def store(self) -> StateStore:
+        """The state DB, opened on first use (ending sessions whose runner died)."""
+        if self._store is None:
+            self._store = StateStore(self.config.state.url)
+            self._store.end_dead_sessions()
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def create_session(self, job: str, *, full: bool = False) -> JobSession:
+        """Create a session of ``job`` in state ``starting``.
+
+        :raises NotFoundError: no such job.
+        """
+        job_config = self.config.job(job)
+        return self.store.create_session(job, job_config.vms, full=full)
+
+    def run_session(self, session_id: int) -> SessionResult:
+        """Run a created session in this process until it ends (blocking)."""
+        from backupd.engine import SessionRunner
+
+        return SessionRunner(self.config, self.store, session_id).run()
+
+    def start_detached(self, session_id: int) -> int:
+        """Run a created session in a detached background process that outlives this one.
+
+        Its output goes to ``logs/session-ID.log`` beside the config file.
+
+        :returns: the process id of the runner.
+        """
+        logs = self.config.path.parent / "logs"
+        logs.mkdir(mode=0o700, exist_ok=True)
+        log_path = logs / f"session-{session_id}.log"
+        with open(log_path, "ab", buffering=0) as out:
+            os.chmod(log_path, 0o600)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "backupd", "-c", str(self.config.path), "job", "run-session", str(session_id)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        # Owner recorded at once, so a runner that dies before it starts is seen as dead.
+        self.store.update_session(session_id, owner_host=socket.gethostname(), owner_pid=child.pid)
+        return child.pid
+
+    def stop_jobs(self, jobs: list[str], mode: StopMode, message: str | None) -> list[StopOutcome]:
+        """Write a stop request onto every running session of each job.
+
+        One job without a running session does not undo the others' stops.
+
+        :raises NotFoundError: a job is not in the config (nothing is stopped).
+        :raises UsageError: the message is longer than 320 characters.
+        """
+        if message is not None and len(message) > MAX_STOP_MESSAGE:
+            raise UsageError(f"--message is {len(message)} characters long; at most {MAX_STOP_MESSAGE} are allowed")
+        for job in jobs:
+            self.config.job(job)
+        outcomes = []
+        for job in dict.fromkeys(jobs):
+            running = self.store.running_sessions(job)
+            if not running:
+                outcomes.append(StopOutcome(job, "no_running_session", None, None))
+            for session in running:
+                in_force = self.store.request_stop(session.id, mode, message)  # type: ignore[arg-type]
+                outcomes.append(StopOutcome(job, "stop_requested", session.id, in_force))
+        return outcomes
+
+    def wait_stopped(self, session_ids: list[int], *, timeout: float | None = None, poll: float = 0.2) -> None:
+        """Block until every session is ``stopped`` (or the timeout, in seconds, passes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remaining = set(session_ids)
+        while remaining:
+            remaining = {sid for sid in remaining if self.store.session(sid).state is not SessionState.STOPPED}
+            if not remaining or (deadline is not None and time.monotonic() >= deadline):
+                return
+            time.sleep(poll)
+
+    @staticmethod
+    def no_session_error(outcomes: list[StopOutcome]) -> NoRunningSessionError | None:
+        """The error to exit with when some jobs had no running session, naming them."""
+        idle = [o.job for o in outcomes if o.outcome == "no_running_session"]
+        if not idle:
+            return None
+        return NoRunningSessionError("no running session for job " + ", ".join(repr(j) for j in idle))
+
+    # -- repositories -----------------------------------------------------------------------
+
+    def repository(self, name: str) -> "Repository":
+        """Open a configured repository (creating it on first use)."""
+        from backupd.repository import Repository
+
+        settings = self.config.repositories[name]
+        return Repository.open(
+            settings.path, create=True, block_size=int(settings.block_size),
+            compression_level=settings.compression_level,
+        )
+
+    def _repository_names(self, job: str | None) -> list[str]:
+        if job is not None:
+            return [self.config.job(job).repository]
+        return sorted(self.config.repositories)
+
+    def restore_points(self, *, vm: str | None = None, job: str | None = None) -> list[tuple[str, "PointInfo"]]:
+        """``(repository name, point)`` pairs, newest first."""
+        found = []
+        for name in self._repository_names(job):
+            found.extend((name, point) for point in self.repository(name).points(vm=vm, job=job))
+        found.sort(key=lambda pair: (pair[1].created_at, pair[1].id), reverse=True)
+        return found
+
+    def find_point(self, point_id: str) -> tuple[str, "PointInfo"]:
+        """:raises NotFoundError: no configured repository holds that restore point."""
+        for name in self._repository_names(None):
+            try:
+                return name, self.repository(name).point(point_id)
+            except NotFoundError:
+                continue
+        raise NotFoundError(f"no restore point {point_id!r} in any configured repository")
+
+    def verify(self, point_ids: list[str] | None) -> dict[str, Any]:
+        """Re-read and re-hash every block of the given points (None: every point).
+
+        :returns: ``{"ok", "damaged_points", "checked_points", "checked_blocks",
+            "damaged_blocks"}`` summed over the repositories involved.
+        :raises NotFoundError: an id is in no repository.
+        """
+        by_repo: dict[str, list[str] | None] = {}
+        if point_ids is None:
+            by_repo = {name: None for name in self._repository_names(None)}
+        else:
+            for point_id in point_ids:
+                name, _point = self.find_point(point_id)
+                by_repo.setdefault(name, []).append(point_id)  # type: ignore[union-attr]
+        total = {"ok": True, "damaged_points": [], "checked_points": 0, "checked_blocks": 0, "damaged_blocks": 0}
+        for name, ids in by_repo.items():
+            repository = self.repository(name)
+            result: VerifyResult = repository.verify(ids)
+            total["ok"] = total["ok"] and result.ok
+            total["damaged_points"].extend(result.damaged_points)  # type: ignore[union-attr]
+            total["checked_points"] += len(ids) if ids is not None else len(repository.points())  # type: ignore[operator]
+            total["checked_blocks"] += result.checked_blocks  # type: ignore[operator]
+            total["damaged_blocks"] += result.damaged_blocks  # type: ignore[operator]
+        return total
+
+    def restore(self, vm: str, to_dir: Path, *, point_id: str | None = None) -> tuple[str, list[Path]]:
+        """Write one raw image per disk of a restore point of ``vm`` into ``to_dir``.
+
+        :param point_id: the restore point; by default the VM's newest in any repository.
+        :returns: (point id, image paths in disk order).
+        :raises NotFoundError: no such point, or no point of that VM.
+        """
+        if point_id is None:
+            points = self.restore_points(vm=vm)
+            if not points:
+                raise NotFoundError(f"no restore point of VM {vm!r}")
+            name, point = points[0]
+        else:
+            name, point = self.find_point(point_id)
+            if point.vm != vm:
+                raise NotFoundError(f"restore point {point_id!r} belongs to VM {point.vm!r}, not {vm!r}")
+        return point.id, self.repository(name).restore(point.id, to_dir)
+
+    # -- providers --------------------------------------------------------------------------
+
+    def provider(self, name: str) -> "Provider":
+        """:raises NotFoundError: no provider of that name in the config."""
+        from providers import open_provider
+
+        if name not in self.config.providers:
+            raise NotFoundError(f"no provider {name!r} in {self.config.path}")
+        return open_provider(name, self.config.providers[name])
+
+    def simulated_provider(self, vm: str, name: str | None) -> "SimulatedProvider":
+        """The simulated provider holding ``vm`` (``name`` picks one when several could).
+
+        :raises NotFoundError: no simulated provider has that VM.
+        :raises UsageError: ``name`` is not a simulated provider, or several have the VM.
+        """
+        candidates = [name] if name else [n for n, c in self.config.providers.items() if getattr(c, "type", None) == "simulated"]
+        if name and getattr(self.config.providers.get(name), "type", None) != "simulated":
+            if name not in self.config.providers:
+                raise NotFoundError(f"no provider {name!r} in {self.config.path}")
+            raise UsageError(f"provider {name!r} is not a simulated provider")
+        having = [n for n in candidates if any(v.name == vm for v in self.config.providers[n].vms)]  # type: ignore[attr-defined]
+        if not having:
+            raise NotFoundError(f"no simulated provider has a VM {vm!r}")
+        if len(having) > 1:
+            raise UsageError(f"VM {vm!r} exists on providers {', '.join(having)}; choose one with --provider")
+        return self.provider(having[0])  # type: ignore[return-value]
