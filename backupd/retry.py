@@ -36,15 +36,19 @@ def retrying(
     if cancel is not None:
         stop = stop | (lambda _state: cancel.is_set())
 
+    last_error: list[BaseException] = []
+
     def sleep(seconds: float) -> None:
-        if cancel is not None:
-            cancel.wait(seconds)
-        elif seconds:
+        if cancel is None:
             threading.Event().wait(seconds)
+        elif cancel.wait(seconds):
+            raise last_error[-1]  # stopped while waiting: no further attempt
 
     def before_sleep(state) -> None:  # type: ignore[no-untyped-def]
-        if before_retry is not None and state.outcome is not None:
-            before_retry(state.attempt_number, state.outcome.exception())
+        error = state.outcome.exception()
+        last_error.append(error)
+        if before_retry is not None:
+            before_retry(state.attempt_number, error)
 
     return Retrying(
         stop=stop,

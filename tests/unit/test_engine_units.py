@@ -1,0 +1,122 @@
+"""Units of the engine: CBT extents to blocks, the retry policy, stop requests and VM locks."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from backupd.config import RetryConfig
+from backupd.enums import SessionResult, SessionState, StopMode
+from backupd.retry import call_with_retry
+from backupd.state import StateStore
+from backupd.vmtask import blocks_of
+from providers.base import Extent, SnapshotError, TransientProviderError
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("extents", "capacity", "expected"),
+    [
+        ([], 8 * MIB, []),
+        ([Extent(0, MIB)], 8 * MIB, [0]),
+        ([Extent(MIB - 1, 2)], 8 * MIB, [0, 1]),  # straddles a block boundary
+        ([Extent(5, 10), Extent(100, 3)], 8 * MIB, [0]),  # several extents in one block
+        ([Extent(3 * MIB, 2 * MIB), Extent(0, 1)], 8 * MIB, [0, 3, 4]),  # unsorted input
+        ([Extent(7 * MIB, 4 * MIB)], 8 * MIB, [7]),  # clipped at the end of the disk
+        ([Extent(0, 10 * MIB + 1)], 10 * MIB + 1, list(range(11))),  # short last block
+    ],
+)
+def test_changed_extents_map_to_every_block_they_touch(extents, capacity, expected) -> None:
+    assert blocks_of(extents, MIB, capacity) == expected
+
+
+def flaky(failures: int, error: Exception) -> tuple[list[int], object]:
+    calls: list[int] = []
+
+    def fn() -> str:
+        calls.append(1)
+        if len(calls) <= failures:
+            raise error
+        return "done"
+
+    return calls, fn
+
+
+def test_transient_errors_are_retried_up_to_the_attempts() -> None:
+    calls, fn = flaky(2, TransientProviderError("busy"))
+    assert call_with_retry(fn, RetryConfig(attempts=3, wait_seconds=0)) == "done"
+    assert len(calls) == 3
+
+
+def test_the_last_transient_error_is_raised_when_attempts_run_out() -> None:
+    calls, fn = flaky(5, TransientProviderError("busy"))
+    with pytest.raises(TransientProviderError):
+        call_with_retry(fn, RetryConfig(attempts=3, wait_seconds=0))
+    assert len(calls) == 3
+
+
+def test_other_provider_errors_are_not_retried() -> None:
+    calls, fn = flaky(1, SnapshotError("no space"))
+    with pytest.raises(SnapshotError):
+        call_with_retry(fn, RetryConfig(attempts=3, wait_seconds=0))
+    assert len(calls) == 1
+
+
+def test_an_immediate_stop_ends_retrying_and_its_wait_at_once() -> None:
+    cancel = threading.Event()
+    calls, fn = flaky(10, TransientProviderError("busy"))
+    threading.Timer(0.2, cancel.set).start()
+    with pytest.raises(TransientProviderError):
+        call_with_retry(fn, RetryConfig(attempts=10, wait_seconds=30), cancel=cancel)
+    assert len(calls) == 1  # woken from the 30 s wait, no further attempt
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> StateStore:
+    return StateStore(f"sqlite:///{tmp_path}/state.db")
+
+
+def test_a_new_session_starts_with_pending_tasks_in_config_order(store: StateStore) -> None:
+    session = store.create_session("nightly", ["b", "a", "c"], full=False)
+    assert session.state is SessionState.STARTING and session.result is None
+    assert [(t.position, t.vm, t.status.value) for t in store.tasks(session.id)] == [
+        (0, "b", "pending"), (1, "a", "pending"), (2, "c", "pending"),
+    ]
+
+
+def test_an_immediate_stop_escalates_a_graceful_one_and_is_never_weakened(store: StateStore) -> None:
+    sid = store.create_session("nightly", ["a"], full=False).id
+    assert store.request_stop(sid, StopMode.GRACEFUL, "maintenance") is StopMode.GRACEFUL
+    assert store.request_stop(sid, StopMode.IMMEDIATE, None) is StopMode.IMMEDIATE
+    assert store.request_stop(sid, StopMode.GRACEFUL, None) is StopMode.IMMEDIATE
+    row = store.session(sid)
+    assert (row.stop_mode, row.stop_message) == (StopMode.IMMEDIATE, "maintenance")
+
+
+def test_a_vm_lock_is_exclusive_until_released_or_its_session_ends(store: StateStore) -> None:
+    first = store.create_session("a", ["vm"], full=False).id
+    second = store.create_session("b", ["vm"], full=False).id
+    assert store.try_lock_vm("lab/vm", first) is None
+    assert store.try_lock_vm("lab/vm", first) is None  # re-entrant for its holder
+    assert store.try_lock_vm("lab/vm", second) == first
+    store.release_vm("lab/vm", first)
+    assert store.try_lock_vm("lab/vm", second) is None
+    store.update_session(second, state=SessionState.STOPPED, result=SessionResult.FAILED)
+    assert store.try_lock_vm("lab/vm", first) is None  # taken over from an ended session
+
+
+def test_a_session_whose_runner_died_is_ended_failed(store: StateStore) -> None:
+    import socket
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    sid = store.create_session("nightly", ["a", "b"], full=False).id
+    store.update_session(sid, owner_host=socket.gethostname(), owner_pid=child.pid, state=SessionState.WORKING)
+    assert store.end_dead_sessions() == [sid]
+    row = store.session(sid)
+    assert (row.state, row.result) == (SessionState.STOPPED, SessionResult.FAILED)
+    assert {t.status.value for t in store.tasks(sid)} == {"failed"}
