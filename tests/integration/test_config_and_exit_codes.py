@@ -1,0 +1,124 @@
+"""What scripts rely on besides session results: an invalid config is refused before anything
+runs (exit 78, naming the file and the key path), and the not-found and usage exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_USAGE, Lab
+
+VALID = """\
+[state]
+url = "sqlite:///state.db"
+
+[repositories.local]
+path = "repo"
+{repository_extra}
+
+[providers.lab]
+type = "simulated"
+state_dir = "lab"
+
+[[providers.lab.vms]]
+name = "web-01"
+disks = [{disk}]
+
+[jobs.nightly]
+provider = {provider}
+repository = {repository}
+vms = {vms}
+max_parallel_vms = {max_parallel_vms}
+{job_extra}
+"""
+
+DEFAULTS = {
+    "repository_extra": "",
+    "disk": '"32 MiB"',
+    "provider": '"lab"',
+    "repository": '"local"',
+    "vms": '["web-01"]',
+    "max_parallel_vms": "2",
+    "job_extra": "",
+}
+
+# (id, the change to the valid config, the key path the message must name)
+BAD_CONFIGS = [
+    ("unknown key", {"job_extra": "max_paralel_vms = 4"}, "jobs.nightly.max_paralel_vms"),
+    ("wrong type", {"max_parallel_vms": '"two"'}, "jobs.nightly.max_parallel_vms"),
+    ("unknown provider", {"provider": '"vcenter-01"'}, "jobs.nightly.provider"),
+    ("unknown repository", {"repository": '"offsite"'}, "jobs.nightly.repository"),
+    ("empty VM list", {"vms": "[]"}, "jobs.nightly.vms"),
+    ("bad disk size", {"disk": '"32 MeB"'}, "providers.lab.vms"),
+    ("bad block size", {"repository_extra": 'block_size = "1 MiBB"'}, "repositories.local.block_size"),
+    (
+        "duplicate job table",
+        {"job_extra": '\n[jobs.nightly]\nprovider = "lab"\nrepository = "local"\nvms = ["web-01"]'},
+        "jobs.nightly",
+    ),
+]
+
+
+def test_the_valid_base_config_runs(lab: Lab) -> None:
+    """Given the config the bad cases below are derived from, when the job runs, then it succeeds
+    (so each bad case fails for its one change, not for something else)."""
+    lab.write_raw_config(VALID.format(**DEFAULTS))
+    doc = lab.start_wait("nightly")
+    assert doc["result"] == "success" and [vm["status"] for vm in doc["vms"]] == ["success"]
+
+
+@pytest.mark.parametrize(("change", "key_path"), [(c, k) for _, c, k in BAD_CONFIGS], ids=[i for i, _, _ in BAD_CONFIGS])
+def test_invalid_config_is_refused_with_exit_78_naming_file_and_key_and_nothing_is_created(
+    lab: Lab, change: dict[str, str], key_path: str
+) -> None:
+    """Given a config with one mistake, when a job is started, then the command exits 78, stderr
+    names the config file and the key path of the mistake, stdout stays empty, and nothing was
+    created: no state DB, no repository, no simulated hypervisor state."""
+    lab.write_raw_config(VALID.format(**{**DEFAULTS, **change}))
+
+    for command in (["job", "start", "nightly", "--wait", "--json"], ["job", "list", "--json"]):
+        proc = lab.run(*command)
+        assert proc.returncode == EXIT_CONFIG, proc
+        assert str(lab.config) in proc.stderr, f"stderr names the file: {proc.stderr!r}"
+        assert key_path in proc.stderr, f"stderr names {key_path}: {proc.stderr!r}"
+        assert proc.stdout == "", "no JSON document for a refused config"
+    assert sorted(p.name for p in lab.site.iterdir()) == ["backupd.toml"], "nothing else was created"
+
+
+def test_unknown_job_exits_4_for_start_and_stop(lab: Lab) -> None:
+    """Given a valid config, when a job that is not in it is started or stopped, then the exit
+    code is 4 (not found) and the message names it."""
+    lab.write_raw_config(VALID.format(**DEFAULTS))
+    for command in (["job", "start", "weekly", "--wait"], ["job", "start", "weekly"], ["job", "stop", "weekly"]):
+        proc = lab.run(*command)
+        assert proc.returncode == EXIT_NOT_FOUND, proc
+        assert "weekly" in proc.stderr
+
+
+def test_unknown_session_restore_point_and_vm_exit_4(lab: Lab) -> None:
+    """Given a lab with one finished session, when a session, restore point or VM that does not
+    exist is asked for, then the exit code is 4."""
+    lab.write_raw_config(VALID.format(**DEFAULTS))
+    lab.start_wait("nightly")
+    for command in (
+        ["session", "show", "999999"],
+        ["session", "show", "999999", "--json"],
+        ["restore-point", "verify", "999999"],
+        ["restore", "db-99", "--to", str(lab.scratch / "out")],
+        ["restore", "web-01", "--point", "999999", "--to", str(lab.scratch / "out")],
+    ):
+        proc = lab.run(*command)
+        assert proc.returncode == EXIT_NOT_FOUND, proc
+
+
+def test_usage_errors_exit_64_not_2_which_means_failed(lab: Lab) -> None:
+    """Given a valid config, when a command line is wrong (unknown option, missing argument),
+    then the exit code is 64, never 2, which a scheduler reads as a failed
+    session."""
+    lab.write_raw_config(VALID.format(**DEFAULTS))
+    for command in (
+        ["job", "start", "nightly", "--no-such-option"],
+        ["job", "stop"],
+        ["restore", "web-01"],
+    ):
+        proc = lab.run(*command)
+        assert proc.returncode == EXIT_USAGE, proc

@@ -1,0 +1,218 @@
+"""The stop contract through the CLI: ``job start --wait`` runs in one process, ``job stop`` comes
+from another, as an administrator in a second terminal or a scheduler would send it.
+
+VMs are kept in flight with the simulated hypervisor's read throttle: each disk is filled with
+incompressible data, so a full transfer takes (disk size / ``read_mib_per_s``) seconds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from labkit import EXIT_FAILED, EXIT_NO_SESSION, EXIT_USAGE, EXIT_WARNING, MiB, Lab, vms_by_name
+
+pytestmark = pytest.mark.slow
+
+THREE_VMS = ["vm-a", "vm-b", "vm-c"]
+
+
+def _three_full_vms(lab: Lab, size: str, **settings: object) -> None:
+    lab.configure(
+        vms={name: size for name in THREE_VMS},
+        jobs={"nightly": {"vms": THREE_VMS, "max_parallel_vms": 2}},
+        **settings,
+    )
+    for seed, name in enumerate(THREE_VMS):
+        lab.fill(name, seed=seed)
+
+
+def test_immediate_stop_removes_snapshots_and_fails_session(lab: Lab) -> None:
+    """Given a session with two VMs in flight and one waiting, and restore points of an earlier
+    session, when ``job stop --immediate`` comes from another process, then within moments the
+    session ends ``failed`` (exit 2): the VMs in flight ``cancelled`` with no restore point and
+    their snapshots removed, the waiting VM ``not_processed``; the earlier restore points are
+    untouched and still verify and restore."""
+    _three_full_vms(lab, "16 MiB")
+    earlier = lab.start_wait("nightly")
+    earlier_points = {vm["name"]: vm["restore_point"] for vm in earlier["vms"]}
+    disks_then = {name: bytes(lab.disks[name]) for name in THREE_VMS}
+
+    lab.configure(read_mib_per_s=1)  # 16 s per VM from now on
+    runner = lab.popen("job", "start", "nightly", "--wait", "--full", "--json")
+    session = lab.wait_for_new_session("nightly", known={earlier["id"]})
+    lab.wait_for_vms_in_flight(session, ["vm-a", "vm-b"])
+    snapshot_name = f"backupd-nightly-{session}"
+    assert lab.backupd_snapshots() == {"vm-a": [snapshot_name], "vm-b": [snapshot_name]}
+
+    asked = time.monotonic()
+    answer = lab.run_json("job", "stop", "nightly", "--immediate")
+    assert answer == {"stops": [{"job": "nightly", "session": session, "outcome": "stop_requested", "mode": "immediate"}]}
+
+    doc = runner.finish_json(rc=EXIT_FAILED, timeout=30)
+    took = time.monotonic() - asked
+    assert took < 8, f"an immediate stop acts between blocks, not after whole disks ({took:.1f}s)"
+    assert doc["id"] == session
+    assert (doc["state"], doc["result"]) == ("stopped", "failed")
+    assert doc["stop"]["mode"] == "immediate"
+    assert [(vm["name"], vm["status"]) for vm in doc["vms"]] == [
+        ("vm-a", "cancelled"),
+        ("vm-b", "cancelled"),
+        ("vm-c", "not_processed"),
+    ]
+    vms = vms_by_name(doc)
+    for name in ("vm-a", "vm-b"):
+        assert vms[name]["restore_point"] is None
+        assert vms[name]["snapshot"]["removed"] is True
+    assert vms["vm-c"]["snapshot"] is None and vms["vm-c"]["restore_point"] is None
+    assert lab.backupd_snapshots() == {}, "every snapshot the session created is gone"
+
+    points = lab.points()
+    assert all(p["session"] != session for p in points), "partial data never becomes a restore point"
+    assert {p["vm"]: p["id"] for p in points} == earlier_points
+    assert lab.run_json("restore-point", "verify", "--all")["ok"] is True
+    for name in THREE_VMS:
+        assert lab.restore(name)[1] == disks_then[name]
+
+
+def test_graceful_stop_lets_vms_in_flight_finish_and_skips_the_rest(lab: Lab) -> None:
+    """Given a session with two VMs in flight and one waiting, when ``job stop`` (graceful, the
+    default) comes from another process, then the VMs in flight complete their restore points
+    and snapshot removal, the waiting VM ends ``not_processed``, and the session ends
+    ``warning`` (exit 1)."""
+    _three_full_vms(lab, "6 MiB", read_mib_per_s=1)  # 6 s per VM
+    runner = lab.popen("job", "start", "nightly", "--wait", "--json")
+    session = lab.wait_for_new_session("nightly")
+    lab.wait_for_vms_in_flight(session, ["vm-a", "vm-b"])
+
+    answer = lab.run_json("job", "stop", "nightly")
+    assert answer["stops"] == [{"job": "nightly", "session": session, "outcome": "stop_requested", "mode": "graceful"}]
+    stopping = lab.session(session)
+    assert stopping["state"] in ("stopping", "stopped") and stopping["stop"]["mode"] == "graceful"
+
+    doc = runner.finish_json(rc=EXIT_WARNING, timeout=60)
+    assert (doc["state"], doc["result"]) == ("stopped", "warning")
+    assert [(vm["name"], vm["status"]) for vm in doc["vms"]] == [
+        ("vm-a", "success"),
+        ("vm-b", "success"),
+        ("vm-c", "not_processed"),
+    ]
+    vms = vms_by_name(doc)
+    assert vms["vm-c"]["snapshot"] is None and vms["vm-c"]["restore_point"] is None
+    assert lab.backupd_snapshots() == {}
+    assert {p["vm"]: p["session"] for p in lab.points()} == {"vm-a": session, "vm-b": session}
+    for name in ("vm-a", "vm-b"):
+        assert vms[name]["snapshot"]["removed"] is True
+        assert lab.restore(name)[1] == bytes(lab.disks[name]), "a finished VM's point is complete"
+
+
+def test_graceful_stop_before_the_first_vm_starts_fails_the_session_as_canceled_by_user(lab: Lab) -> None:
+    """Given a session whose first VM waits for another session to release it (so its snapshot
+    creation cannot have begun), when that session is stopped gracefully, then it ends promptly
+    ``failed`` (exit 2) with the message ``Operation was canceled by user``, no VM processed and
+    no snapshot taken; the other session is not disturbed."""
+    lab.configure(
+        vms={"vm-a": "16 MiB", "vm-b": "1 MiB"},
+        jobs={
+            "holder": {"vms": ["vm-a"]},
+            "nightly": {"vms": ["vm-a", "vm-b"], "vm_lock_timeout_seconds": 120},
+        },
+        read_mib_per_s=1,
+    )
+    lab.fill("vm-a", seed=1)
+    holder_run = lab.popen("job", "start", "holder", "--wait")
+    holder = lab.wait_for_new_session("holder")
+    lab.wait_for_vms_in_flight(holder, ["vm-a"])
+
+    nightly_run = lab.popen("job", "start", "nightly", "--wait", "--json")
+    nightly = lab.wait_for_new_session("nightly")
+    lab.wait_for_session(nightly, lambda d: d["state"] == "working", what="nightly working")
+    assert lab.backupd_snapshots() == {"vm-a": [f"backupd-holder-{holder}"]}, "nightly waits, it took no snapshot"
+
+    asked = time.monotonic()
+    lab.run_json("job", "stop", "nightly")
+    doc = nightly_run.finish_json(rc=EXIT_FAILED, timeout=20)
+    assert time.monotonic() - asked < 8, "the stop does not wait for the other session to release vm-a"
+    assert (doc["state"], doc["result"]) == ("stopped", "failed")
+    assert doc["message"] == "Operation was canceled by user"
+    assert [(vm["name"], vm["status"], vm["snapshot"]) for vm in doc["vms"]] == [
+        ("vm-a", "not_processed", None),
+        ("vm-b", "not_processed", None),
+    ]
+
+    still = lab.session(holder)
+    assert still["state"] == "working" and still["stop"] is None, "the other session runs on"
+    lab.run_json("job", "stop", "holder", "--immediate")
+    assert holder_run.finish().returncode == EXIT_FAILED
+    assert lab.backupd_snapshots() == {}
+
+
+def test_stop_without_a_running_session_exits_3_naming_the_job(lab: Lab) -> None:
+    """Given a job whose last session has ended, when it is stopped, then the answer is exit
+    code 3 and a message naming the job (text), or outcome ``no_running_session`` (JSON)."""
+    lab.configure(vms={"vm-a": "1 MiB"}, jobs={"nightly": {"vms": ["vm-a"]}})
+    lab.start_wait("nightly")
+
+    text = lab.run("job", "stop", "nightly")
+    assert text.returncode == EXIT_NO_SESSION, text
+    assert "nightly" in text.stderr + text.stdout
+
+    answer = lab.run_json("job", "stop", "nightly", rc=EXIT_NO_SESSION)
+    assert answer == {"stops": [{"job": "nightly", "session": None, "outcome": "no_running_session", "mode": "graceful"}]}
+
+
+def test_one_stop_call_stops_several_jobs_with_one_message(lab: Lab) -> None:
+    """Given two jobs running (detached) and a third idle, when one ``job stop`` names all three
+    with ``--message``, then both running sessions are stopped and each shows the message in
+    ``session show``, the idle job is reported ``no_running_session`` with exit code 3, and
+    that does not undo the two stops."""
+    lab.configure(
+        vms={"vm-a": "16 MiB", "vm-b": "16 MiB", "vm-c": "1 MiB"},
+        jobs={"alpha": {"vms": ["vm-a"]}, "beta": {"vms": ["vm-b"]}, "gamma": {"vms": ["vm-c"]}},
+        read_mib_per_s=1,
+    )
+    lab.fill("vm-a", seed=1)
+    lab.fill("vm-b", seed=2)
+    alpha = lab.start("alpha")
+    beta = lab.start("beta")
+    lab.wait_for_vms_in_flight(alpha, ["vm-a"])
+    lab.wait_for_vms_in_flight(beta, ["vm-b"])
+
+    message = "repo01 maintenance (OPS-4711)"
+    answer = lab.run_json("job", "stop", "alpha", "beta", "gamma", "--immediate", "--message", message, rc=EXIT_NO_SESSION)
+    assert answer["stops"] == [
+        {"job": "alpha", "session": alpha, "outcome": "stop_requested", "mode": "immediate"},
+        {"job": "beta", "session": beta, "outcome": "stop_requested", "mode": "immediate"},
+        {"job": "gamma", "session": None, "outcome": "no_running_session", "mode": "immediate"},
+    ]
+
+    for session, vm in ((alpha, "vm-a"), (beta, "vm-b")):
+        doc = lab.wait_stopped(session, timeout=20)
+        assert doc["result"] == "failed"
+        assert doc["stop"]["mode"] == "immediate" and doc["stop"]["message"] == message
+        assert doc["stop"]["requested_at"]
+        assert [(v["name"], v["status"]) for v in doc["vms"]] == [(vm, "cancelled")]
+        shown = lab.run("session", "show", session)
+        assert shown.returncode == 0 and message in shown.stdout, "text output shows the message"
+    assert lab.backupd_snapshots() == {}
+    assert lab.points() == []
+
+
+def test_stop_message_longer_than_320_characters_is_a_usage_error(lab: Lab) -> None:
+    """Given a running session, when ``job stop`` gets a 321-character message, then it exits 64
+    and the session is not stopped; a message of exactly 320 characters is accepted and kept
+    whole."""
+    lab.configure(vms={"vm-a": "16 MiB"}, jobs={"nightly": {"vms": ["vm-a"]}}, read_mib_per_s=1)
+    lab.fill("vm-a", seed=1)
+    session = lab.start("nightly")
+    lab.wait_for_vms_in_flight(session, ["vm-a"])
+
+    refused = lab.run("job", "stop", "nightly", "--immediate", "--message", "x" * 321)
+    assert refused.returncode == EXIT_USAGE, refused
+    assert "320" in refused.stderr, "the usage error states the limit"
+    doc = lab.session(session)
+    assert doc["state"] == "working" and doc["stop"] is None
+
+    lab.run_json("job", "stop", "nightly", "--immediate", "--message", "y" * 320)
+    assert lab.wait_stopped(session, timeout=20)["stop"]["message"] == "y" * 320
