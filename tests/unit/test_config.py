@@ -113,3 +113,9 @@ def test_a_bad_block_size_is_refused(tmp_path: Path) -> None:
 def test_loading_a_config_creates_nothing(tmp_path: Path) -> None:
     load_config(write(tmp_path, VALID))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backupd.toml"]
+
+
+def test_the_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "config.example.toml"
+    config = load_config(example)
+    assert config.jobs["nightly"].vms == ["web-01", "db-01", "mail-01"]
