@@ -106,8 +106,8 @@ def test_quiesce_failure_falls_back_to_crash_consistent_snapshot_with_warning(la
 @pytest.mark.parametrize("op", ["read", "create_snapshot", "remove_snapshot"])
 def test_transient_faults_are_retried_and_the_vm_succeeds(lab: Lab, op: str) -> None:
     """Given retry attempts = 3, when the next two ``op`` calls of a VM fail transiently, then the
-    third attempt succeeds: the VM ends ``success`` with a complete restore point and no
-    snapshot is left behind."""
+    third attempt succeeds: the session log shows two retries, the VM ends ``success`` with a
+    complete restore point and no snapshot is left behind."""
     lab.configure(
         vms={"vm-a": "8 MiB"},
         jobs={"nightly": {"vms": ["vm-a"], "retry": {"attempts": 3, "wait_seconds": 0}}},
@@ -118,6 +118,8 @@ def test_transient_faults_are_retried_and_the_vm_succeeds(lab: Lab, op: str) -> 
     doc = lab.start_wait("nightly", rc=EXIT_SUCCESS)
     vm = vms_by_name(doc)["vm-a"]
     assert doc["result"] == "success" and vm["status"] == "success", vm
+    retries = [line for line in doc["log"] if line["vm"] == "vm-a" and "retry" in line["text"].lower()]
+    assert len(retries) == 2, f"the session log shows both retries: {doc['log']}"
     assert vm["snapshot"]["removed"] is True
     assert lab.backupd_snapshots() == {}
     assert lab.restore("vm-a")[1] == bytes(lab.disks["vm-a"])
