@@ -1,0 +1,231 @@
+"""Keeping a repository healthy: retention, garbage collection and verification.
+
+Retention only deletes manifests; the blocks those points referenced become garbage, and
+:func:`collect_garbage` deletes every block no remaining manifest references. Because
+every restore point lists every block of every disk, no point ever depends on another and
+retention can delete any subset.
+
+:func:`verify` re-reads the blocks of the chosen points from disk, as restore would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+
+from backupd.errors import NotFoundError, RepositoryCorruptError, RepositoryError
+
+from ._blocks import DIGEST_SIZE, ZERO_DIGEST, BlockStore
+from ._layout import FILE_MODE, Layout, fsync_dir
+from ._locking import discard_dead_staging, lock_shared, try_lock_exclusive
+from ._manifest import PointInfo, iter_map_digests, read_manifest
+
+log = logging.getLogger(__name__)
+
+#: blocks handed to the verify thread pool at a time (bounds the futures in memory)
+_VERIFY_BATCH = 256
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What a garbage collection did.
+
+    :ivar removed_blocks: block files deleted.
+    :ivar freed_bytes: their compressed size in bytes.
+    :ivar deferred: True when writers (or a restore, or a verify) held the repository, so
+        nothing was collected; the next :meth:`Repository.apply_retention` or
+        :meth:`Repository.collect_garbage` tries again.
+    """
+
+    removed_blocks: int
+    freed_bytes: int
+    deferred: bool
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What a verification found.
+
+    :ivar ok: True when no block and no manifest was damaged.
+    :ivar damaged_points: ids of every checked point that a damaged block or its own damaged
+        manifest makes unrestorable, newest first.
+    :ivar damaged_blocks: number of distinct blocks missing, undecompressable or not
+        matching their hash.
+    :ivar checked_blocks: number of distinct (non-zero) blocks read and hashed.
+    :ivar problems: one human-readable line per damaged manifest or block.
+    """
+
+    ok: bool
+    damaged_points: tuple[str, ...]
+    damaged_blocks: int
+    checked_blocks: int
+    problems: tuple[str, ...]
+
+
+def delete_points(layout: Layout, doomed: Iterable[PointInfo]) -> list[str]:
+    """Delete the manifests of restore points and note that garbage may now exist.
+
+    :returns: the ids deleted (a point deleted meanwhile by someone else counts too).
+    :raises RepositoryError: a manifest cannot be deleted.
+    """
+    removed = []
+    for info in doomed:
+        path = layout.manifest_path(info.vm, info.id)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise RepositoryError(f"{path}: cannot delete restore point: {exc.strerror or exc}") from exc
+        removed.append(info.id)
+        fsync_dir(path.parent)
+    if removed:
+        _mark_gc_pending(layout)
+    return removed
+
+
+def gc_pending(layout: Layout) -> bool:
+    """Whether points were deleted (or a collection deferred) since the last collection."""
+    return layout.gc_pending_file.exists()
+
+
+def _mark_gc_pending(layout: Layout) -> None:
+    try:
+        os.close(os.open(layout.gc_pending_file, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    except OSError as exc:
+        raise RepositoryError(f"{layout.gc_pending_file}: cannot write: {exc.strerror or exc}") from exc
+
+
+def collect_garbage(layout: Layout, store: BlockStore) -> GcResult:
+    """Delete every block that no manifest references.
+
+    Runs only with the repository lock exclusive, taken without waiting: while any writer is
+    open it may have deduplicated against a block no manifest references yet, so the
+    collection is deferred instead (``deferred=True``, remembered in ``gc-pending``).
+    Manifests are read without trusting their checksum, so a damaged manifest still keeps
+    the blocks it lists. Memory: about 100 bytes per distinct referenced block (a set of
+    digests), i.e. ~100 MB per TiB of distinct data at 1 MiB blocks.
+
+    :raises RepositoryCorruptError: a manifest has no header line, so what it references is
+        unknown and nothing is deleted; verify, then remove or restore that manifest.
+    :raises RepositoryError: the repository cannot be read or a block cannot be deleted.
+    """
+    lock = try_lock_exclusive(layout.lock_file)
+    if lock is None:
+        _mark_gc_pending(layout)
+        return GcResult(removed_blocks=0, freed_bytes=0, deferred=True)
+    try:
+        # cleared first: a deletion that happens while this collection runs marks it again
+        layout.gc_pending_file.unlink(missing_ok=True)
+        discard_dead_staging(layout.staging)
+        referenced: set[bytes] = set()
+        for _point_id, path in layout.manifests():
+            try:
+                referenced.update(iter_map_digests(path))
+            except NotFoundError:
+                continue  # deleted by retention meanwhile
+        removed = freed = 0
+        for digest, path, size in store.scan():
+            if digest not in referenced:
+                os.unlink(path)
+                removed += 1
+                freed += size
+    except OSError as exc:
+        raise RepositoryError(f"{layout.root}: garbage collection failed: {exc}") from exc
+    finally:
+        lock.release()
+    log.info("garbage collection removed %d blocks, %d bytes", removed, freed)
+    return GcResult(removed_blocks=removed, freed_bytes=freed, deferred=False)
+
+
+def verify(
+    layout: Layout,
+    store: BlockStore,
+    block_size: int,
+    point_ids: list[str] | None,
+    progress: Callable[[int, int], None] | None,
+) -> VerifyResult:
+    """Check restore points end to end (see :meth:`Repository.verify`).
+
+    Pass 1 reads each manifest in full and checks its checksum; pass 2 reads every distinct
+    block the readable manifests reference once (decompress + BLAKE3, on a few threads, in
+    digest order for locality); pass 3, only when blocks are damaged, finds every point
+    that references one. Holds the repository lock shared so garbage collection cannot
+    delete blocks meanwhile.
+    """
+    lock = lock_shared(layout.lock_file)
+    try:
+        if point_ids is None:
+            targets = sorted(layout.manifests())
+        else:
+            targets = [(point_id, layout.find_manifest(point_id)) for point_id in point_ids]
+        damaged_points: set[str] = set()
+        problems: list[str] = []
+        readable = []
+        wanted: set[bytes] = set()
+        for point_id, path in targets:
+            try:
+                _info, maps = read_manifest(path, block_size)
+            except NotFoundError:
+                continue  # deleted by retention after it was listed
+            except RepositoryCorruptError as exc:
+                damaged_points.add(point_id)
+                problems.append(str(exc))
+                continue
+            readable.append((point_id, path))
+            for block_map in maps:
+                wanted.update(_entries(block_map))
+        wanted.discard(ZERO_DIGEST)
+        damaged = _check_blocks(store, sorted(wanted), progress, problems)
+        if damaged:
+            for point_id, path in readable:
+                try:
+                    _info, maps = read_manifest(path, block_size)
+                except NotFoundError:
+                    continue
+                if any(not damaged.isdisjoint(_entries(block_map)) for block_map in maps):
+                    damaged_points.add(point_id)
+    finally:
+        lock.release()
+    return VerifyResult(
+        ok=not damaged_points,
+        damaged_points=tuple(sorted(damaged_points, reverse=True)),
+        damaged_blocks=len(damaged),
+        checked_blocks=len(wanted),
+        problems=tuple(problems),
+    )
+
+
+def _entries(block_map: bytes) -> Iterable[bytes]:
+    return (block_map[i : i + DIGEST_SIZE] for i in range(0, len(block_map), DIGEST_SIZE))
+
+
+def _check_blocks(
+    store: BlockStore, digests: list[bytes], progress: Callable[[int, int], None] | None, problems: list[str]
+) -> set[bytes]:
+    """Read every block; returns the damaged digests and appends one problem line each."""
+
+    def check(digest: bytes) -> str | None:
+        try:
+            store.read(digest)
+        except RepositoryCorruptError as exc:
+            return str(exc)
+        return None
+
+    damaged = set()
+    done = 0
+    remaining = iter(digests)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="verify") as pool:
+        while batch := list(islice(remaining, _VERIFY_BATCH)):
+            for digest, problem in zip(batch, pool.map(check, batch)):
+                if problem is not None:
+                    damaged.add(digest)
+                    problems.append(problem)
+                done += 1
+                if progress is not None:
+                    progress(done, len(digests))
+    return damaged

@@ -1,0 +1,251 @@
+"""Restore point manifests: one file per point, a JSON header line followed by block maps.
+
+::
+
+    {"block_size":1048576,"bytes_read":...,"checksum":"<64 hex>","created_at":"...",
+     "disks":[{"blocks":N,"capacity_bytes":...,"change_id":...,"key":2000,"label":...}],
+     "format":"backupd-point","hash":"blake3","id":"...","job":"...",
+     "logical_bytes":...,"mode":"full","session":"...","stored_bytes":...,"version":1,
+     "vm":"..."}\\n
+    <disk 0 block map: N × 32-byte digests><disk 1 block map>...
+
+The header is canonical JSON (sorted keys, no spaces, ASCII) on the first line, so listing
+restore points reads one short line per manifest however large the disks are. A block map
+has one entry per block of the disk (``ceil(capacity_bytes / block_size)``), in disk order;
+an all-zero entry (:data:`~._blocks.ZERO_DIGEST`) is a zero block. ``checksum`` is the
+BLAKE3 hex digest of the canonical header *without* ``checksum``, a newline, and all maps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import blake3
+
+from backupd.errors import NotFoundError, RepositoryCorruptError, RepositoryError
+
+from ._blocks import DIGEST_SIZE
+from ._layout import write_durably
+
+MANIFEST_FORMAT = "backupd-point"
+MANIFEST_VERSION = 1
+#: the header line is a few hundred bytes per disk; anything longer is not a manifest
+_MAX_HEADER = 1 << 20
+_READ_CHUNK = DIGEST_SIZE << 15  # 1 MiB of map entries
+
+
+@dataclass(frozen=True)
+class PointDisk:
+    """One disk of a restore point.
+
+    :ivar key: the disk's device key (vSphere ``VirtualDisk.key``), unique within the VM.
+    :ivar label: human name, e.g. ``"Hard disk 1"``.
+    :ivar capacity_bytes: size of the disk in bytes; a restored image has exactly this size.
+    :ivar change_id: the CBT changeId of the disk at this point (the ``since`` of the next
+        incremental transfer), or None when CBT was off.
+    """
+
+    key: int
+    label: str
+    capacity_bytes: int
+    change_id: str | None
+
+
+@dataclass(frozen=True)
+class PointInfo:
+    """What the header of a restore point says; listing reads only this.
+
+    :ivar id: the point's id, e.g. ``20260521T045711.123456Z-1a2b3c4d`` (sorts by time).
+    :ivar vm: the VM name, exactly as given to ``new_point``.
+    :ivar job: the job that made the point.
+    :ivar session: the job session that made the point.
+    :ivar mode: the transfer mode, ``"full"`` or ``"incremental"``; either way the point
+        is complete.
+    :ivar created_at: when the writer was opened (timezone-aware UTC).
+    :ivar disks: the disks in the order they were added; restore follows it.
+    :ivar logical_bytes: sum of the disks' capacities.
+    :ivar stored_bytes: compressed bytes of the blocks this point added to the repository.
+    :ivar bytes_read: bytes handed to ``put_block`` (what the transfer read).
+    """
+
+    id: str
+    vm: str
+    job: str
+    session: str
+    mode: str
+    created_at: datetime
+    disks: tuple[PointDisk, ...]
+    logical_bytes: int
+    stored_bytes: int
+    bytes_read: int
+
+
+def blocks_in(capacity_bytes: int, block_size: int) -> int:
+    """Number of block-map entries of a disk: ``ceil(capacity_bytes / block_size)``."""
+    return -(-capacity_bytes // block_size)
+
+
+def _canonical(header: dict) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def write_manifest(
+    final: Path, *, tmp: Path, info: PointInfo, block_size: int, maps: Sequence[bytearray]
+) -> None:
+    """Write a manifest durably and atomically: ``final`` appears complete or not at all.
+
+    :param final: ``points/<vm-key>/<id>.manifest``; must not exist.
+    :param tmp: scratch name on the same file system (the writer's staging folder).
+    :param info: the header; ``info.disks[i]`` is described by ``maps[i]``.
+    :param maps: per disk, ``blocks_in(capacity) * 32`` bytes of digests.
+    :raises OSError: the file could not be written.
+    """
+    header = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "hash": "blake3",
+        "block_size": block_size,
+        "id": info.id,
+        "vm": info.vm,
+        "job": info.job,
+        "session": info.session,
+        "mode": info.mode,
+        "created_at": info.created_at.isoformat(),
+        "disks": [
+            {
+                "key": disk.key,
+                "label": disk.label,
+                "capacity_bytes": disk.capacity_bytes,
+                "change_id": disk.change_id,
+                "blocks": blocks_in(disk.capacity_bytes, block_size),
+            }
+            for disk in info.disks
+        ],
+        "logical_bytes": info.logical_bytes,
+        "stored_bytes": info.stored_bytes,
+        "bytes_read": info.bytes_read,
+    }
+    hasher = blake3.blake3(_canonical(header) + b"\n")
+    for block_map in maps:
+        hasher.update(block_map)
+    header["checksum"] = hasher.hexdigest()
+    write_durably(final, [_canonical(header) + b"\n", *maps], tmp=tmp, exclusive=True)
+
+
+def read_header(path: Path) -> PointInfo:
+    """Read a manifest's header line only (cheap for any disk size; not checksummed).
+
+    :raises NotFoundError: the manifest does not exist (any more).
+    :raises RepositoryCorruptError: the header is not a valid manifest header.
+    :raises RepositoryError: the file cannot be read.
+    """
+    with _open(path) as file:
+        line = file.readline(_MAX_HEADER)
+    return _parse_header(path, line)[1]
+
+
+def read_manifest(path: Path, block_size: int) -> tuple[PointInfo, list[bytes]]:
+    """Read a whole manifest and check its checksum.
+
+    :param block_size: the repository's block size; the header must agree.
+    :returns: the header and, per disk, its block map (``blocks * 32`` bytes).
+    :raises NotFoundError: the manifest does not exist (any more).
+    :raises RepositoryCorruptError: checksum mismatch, malformed header, wrong map sizes.
+    :raises RepositoryError: the file cannot be read.
+    """
+    with _open(path) as file:
+        line = file.readline(_MAX_HEADER)
+        header, info = _parse_header(path, line)
+        map_bytes = os.fstat(file.fileno()).st_size - len(line)
+        if map_bytes != sum(disk["blocks"] for disk in header["disks"]) * DIGEST_SIZE:
+            raise RepositoryCorruptError(f"{path}: block maps are not the size the header says")
+        claimed = header.pop("checksum", None)
+        hasher = blake3.blake3(_canonical(header) + b"\n")
+        maps = []
+        for disk in header["disks"]:
+            block_map = file.read(disk["blocks"] * DIGEST_SIZE)
+            hasher.update(block_map)
+            maps.append(block_map)
+    if claimed != hasher.hexdigest():
+        raise RepositoryCorruptError(f"{path}: manifest checksum mismatch (damaged restore point {info.id})")
+    if header["block_size"] != block_size or any(
+        disk["blocks"] != blocks_in(disk["capacity_bytes"], block_size) for disk in header["disks"]
+    ):
+        raise RepositoryCorruptError(f"{path}: block maps do not fit block size {block_size}")
+    return info, maps
+
+
+def iter_map_digests(path: Path) -> Iterator[bytes]:
+    """Every 32-byte entry after the header line, without trusting the header or checksum.
+
+    Garbage collection uses this: a damaged manifest must still protect the blocks it
+    probably references, so it errs on the side of keeping.
+
+    :raises NotFoundError: the manifest does not exist (any more).
+    :raises RepositoryCorruptError: there is no header line to skip.
+    :raises RepositoryError: the file cannot be read.
+    """
+    with _open(path) as file:
+        if not file.readline(_MAX_HEADER).endswith(b"\n"):
+            raise RepositoryCorruptError(f"{path}: no manifest header line")
+        while chunk := file.read(_READ_CHUNK):
+            for start in range(0, len(chunk) - DIGEST_SIZE + 1, DIGEST_SIZE):
+                yield chunk[start : start + DIGEST_SIZE]
+
+
+def _open(path: Path):  # noqa: ANN202 (a binary file object)
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise NotFoundError(f"restore point manifest {path} does not exist") from None
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
+
+
+def _parse_header(path: Path, line: bytes) -> tuple[dict, PointInfo]:
+    try:
+        if not line.endswith(b"\n"):
+            raise ValueError("no header line")
+        header = json.loads(line)
+        if header["format"] != MANIFEST_FORMAT:
+            raise ValueError(f"format {header['format']!r}")
+        if header["version"] > MANIFEST_VERSION:
+            raise ValueError(f"manifest version {header['version']} is newer than this backupd")
+        if not isinstance(header["block_size"], int) or not all(
+            isinstance(disk["blocks"], int) and disk["blocks"] >= 0 for disk in header["disks"]
+        ):
+            raise ValueError("block_size and disks[].blocks must be integers")
+        created_at = datetime.fromisoformat(header["created_at"])
+        if created_at.tzinfo is None:
+            raise ValueError("created_at has no time zone")
+        disks = tuple(
+            PointDisk(
+                key=int(disk["key"]),
+                label=str(disk["label"]),
+                capacity_bytes=int(disk["capacity_bytes"]),
+                change_id=None if disk["change_id"] is None else str(disk["change_id"]),
+            )
+            for disk in header["disks"]
+        )
+        info = PointInfo(
+            id=str(header["id"]),
+            vm=str(header["vm"]),
+            job=str(header["job"]),
+            session=str(header["session"]),
+            mode=str(header["mode"]),
+            created_at=created_at.astimezone(timezone.utc),
+            disks=disks,
+            logical_bytes=int(header["logical_bytes"]),
+            stored_bytes=int(header["stored_bytes"]),
+            bytes_read=int(header["bytes_read"]),
+        )
+        if f"{info.id}.manifest" != os.path.basename(path):
+            raise ValueError(f"header names point {info.id}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RepositoryCorruptError(f"{path}: not a valid restore point manifest: {exc}") from exc
+    return header, info

@@ -1,0 +1,190 @@
+"""The :class:`Repository` facade: open or create, write, list, maintain and restore points."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from backupd.errors import NotFoundError, RepositoryCorruptError
+
+from . import _maintenance
+from ._blocks import BlockStore
+from ._layout import Layout
+from ._locking import discard_dead_staging
+from ._maintenance import GcResult, VerifyResult
+from ._manifest import PointInfo, read_header
+from ._restore import restore
+from ._writer import PointWriter
+
+log = logging.getLogger(__name__)
+
+
+class Repository:
+    """A deduplicating store of restore points on a local (or flock-capable) file system.
+
+    Several processes may use one repository at once: point writers run side by side,
+    garbage collection waits for none of them and defers instead (see ``_locking``).
+    Instances hold no open files and may be shared between threads.
+
+    :ivar path: the repository folder.
+    :ivar block_size: bytes per block, fixed when the repository was created.
+    """
+
+    def __init__(self, layout: Layout, block_size: int, compression_level: int) -> None:
+        self._layout = layout
+        self.path = layout.root
+        self.block_size = block_size
+        self._store = BlockStore(layout.blocks, block_size=block_size, compression_level=compression_level)
+
+    def __repr__(self) -> str:
+        return f"Repository({str(self.path)!r}, block_size={self.block_size})"
+
+    @classmethod
+    def open(
+        cls, path: Path, *, create: bool = False, block_size: int = 1 << 20, compression_level: int = 3
+    ) -> Repository:
+        """Open a repository, creating it first if asked and absent.
+
+        Opening also discards staging folders of writers of this host that died (a crashed
+        backup never becomes a restore point and leaves no staged data behind).
+
+        :param path: the repository folder.
+        :param create: initialise the repository if ``path`` is absent or an empty folder
+            (``repository.json``: format version, ``block_size``, hash ``blake3``,
+            compression ``zstd``; files 0600, folders 0700).
+        :param block_size: bytes per block for a *new* repository (a multiple of 4096, 4 KiB
+            to 64 MiB; 1 MiB matches CBT extent granularity well); an existing repository
+            keeps its own and this is ignored.
+        :param compression_level: zstd level (1-22) for blocks written through this
+            instance; existing blocks are unaffected.
+        :raises ValueError: block_size or compression_level out of range.
+        :raises RepositoryError: not a repository (and ``create`` is false), unreadable,
+            written by a newer backupd, or ``create`` on a non-empty folder that is not a
+            repository; the message names the path.
+        """
+        if not 1 <= compression_level <= 22:
+            raise ValueError(f"compression_level must be 1..22, got {compression_level}")
+        layout = Layout(Path(path))
+        if create and not layout.config_file.exists():
+            layout.initialise(block_size)
+        config = layout.read_config()
+        discard_dead_staging(layout.staging)
+        return cls(layout, config.block_size, compression_level)
+
+    def new_point(self, *, vm: str, job: str, session: str, mode: str) -> PointWriter:
+        """Start writing a restore point of one VM.
+
+        Holds the repository lock shared until commit or abort (waits while a garbage
+        collection runs); use the writer as a context manager so it is always released.
+
+        :param vm: the VM name (any string; stored exactly, sanitized for paths).
+        :param job: the job name.
+        :param session: the job session id.
+        :param mode: ``"full"`` or ``"incremental"`` (a :class:`~backupd.enums.TransferMode`
+            member is accepted and stored by value).
+        :raises RepositoryError: the staging folder or lock cannot be created.
+        """
+        return PointWriter(self._layout, self._store, self.block_size, vm=vm, job=job, session=session, mode=mode)
+
+    def points(self, *, vm: str | None = None, job: str | None = None) -> list[PointInfo]:
+        """Restore points, newest first, optionally only of one VM and/or one job.
+
+        Reads one header line per manifest, never the block maps, so it stays cheap for
+        any disk size. A manifest whose header is unreadable is skipped with a warning
+        (``verify`` reports it as damaged).
+
+        :raises RepositoryError: the points folder cannot be listed.
+        """
+        found = []
+        for point_id, manifest in self._layout.manifests(vm):
+            try:
+                info = read_header(manifest)
+            except NotFoundError:
+                continue  # deleted by retention while listing
+            except RepositoryCorruptError as exc:
+                log.warning("skipping restore point %s: %s", point_id, exc)
+                continue
+            if (vm is None or info.vm == vm) and (job is None or info.job == job):
+                found.append(info)
+        found.sort(key=lambda info: (info.created_at, info.id), reverse=True)
+        return found
+
+    def point(self, point_id: str) -> PointInfo:
+        """One restore point's header.
+
+        :raises NotFoundError: no such point.
+        :raises RepositoryCorruptError: its header is unreadable.
+        """
+        return read_header(self._layout.find_manifest(point_id))
+
+    def latest_point(self, *, vm: str, job: str) -> PointInfo | None:
+        """The newest restore point of a VM made by a job (the base of the next incremental
+        transfer), or None."""
+        points = self.points(vm=vm, job=job)
+        return points[0] if points else None
+
+    def apply_retention(self, *, vm: str, job: str, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` restore points of one VM made by one job.
+
+        Points of other jobs and other VMs are untouched. Afterwards garbage is collected
+        if points were deleted now or since the last completed collection (a collection that
+        is deferred because writers are busy happens on a later call).
+
+        :param keep: restore points to keep, >= 1 (deleting the last point of a VM is never
+            what retention means).
+        :returns: the deleted point ids, newest first.
+        :raises ValueError: keep < 1.
+        :raises RepositoryError: a manifest or block cannot be deleted.
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        removed = _maintenance.delete_points(self._layout, self.points(vm=vm, job=job)[keep:])
+        if _maintenance.gc_pending(self._layout):
+            self.collect_garbage()
+        return removed
+
+    def collect_garbage(self) -> GcResult:
+        """Delete blocks no restore point references, unless writers are busy.
+
+        :returns: blocks removed, bytes freed, or ``deferred=True`` when a writer, restore
+            or verify holds the repository (nothing is deleted then).
+        :raises RepositoryCorruptError: a manifest is unreadable, so nothing is deleted.
+        :raises RepositoryError: the repository cannot be read or changed.
+        """
+        return _maintenance.collect_garbage(self._layout, self._store)
+
+    def verify(
+        self, point_ids: list[str] | None = None, *, progress: Callable[[int, int], None] | None = None
+    ) -> VerifyResult:
+        """Re-read and re-hash every block the chosen restore points reference.
+
+        Each distinct block is read once (decompress, BLAKE3, compare with its name). A
+        missing, undecompressable or mismatching block damages every checked point that
+        references it; a manifest whose checksum fails damages its own point.
+
+        :param point_ids: the points to check; None for all.
+        :param progress: called as ``progress(blocks checked, distinct blocks to check)``.
+        :raises NotFoundError: a point id does not exist.
+        :raises RepositoryError: the repository cannot be read (other than damage).
+        """
+        return _maintenance.verify(self._layout, self._store, self.block_size, point_ids, progress)
+
+    def restore(
+        self, point_id: str, to_dir: Path, *, progress: Callable[[int, int], None] | None = None
+    ) -> list[Path]:
+        """Restore every disk of a point as a raw image ``<to_dir>/<vm-key>-disk<key>.img``.
+
+        Images are sparse (zero blocks are holes), exactly ``capacity_bytes`` long, checked
+        block by block against their hashes, and appear under their final names only when
+        all of them are complete. ``to_dir`` is created (0700) if absent; images are 0600.
+
+        :param progress: called as ``progress(bytes restored, total bytes of all disks)``.
+        :returns: the image paths, in the point's disk order.
+        :raises NotFoundError: no such point.
+        :raises RepositoryError: an image already exists (named; nothing is written), or
+            writing failed (nothing is left behind).
+        :raises RepositoryCorruptError: a block or the manifest is damaged (nothing is left
+            behind).
+        """
+        return restore(self._layout, self._store, self.block_size, point_id, Path(to_dir), progress)
