@@ -1,0 +1,344 @@
+"""The repository over time and under stress: retention and garbage collection, verify,
+crash recovery, opening, and the safety rules for paths and permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import blake3
+import pytest
+import zstandard
+
+from backupd.errors import RepositoryError
+from backupd.repository import Repository
+from backupd.repository._layout import vm_key
+from test_repository_points import BS, backup, disk_image, make_repo, restore_bytes
+
+
+def block_files(repo: Repository) -> set[Path]:
+    return {path for path in (repo.path / "blocks").rglob("*") if path.is_file()}
+
+
+def block_file(repo: Repository, data: bytes) -> Path:
+    """The file holding a block, by the documented naming: blocks/<aa>/<BLAKE3 hex>."""
+    name = blake3.blake3(data).hexdigest()
+    return repo.path / "blocks" / name[:2] / name
+
+
+# ---- retention and garbage collection ---------------------------------------------------------
+
+
+def test_retention_keeps_the_newest_points_of_one_vm_and_job_and_gc_keeps_shared_blocks(tmp_path):
+    repo = make_repo(tmp_path)
+    shared = disk_image(30, 2)
+    images = [shared + disk_image(31 + i, 1) for i in range(4)]
+    nightly = [backup(repo, "a", {1: image}) for image in images]
+    weekly = backup(repo, "a", {1: disk_image(40, 2)}, job="weekly")
+    other_vm = backup(repo, "b", {1: disk_image(41, 2)})
+    before = block_files(repo)
+
+    removed = repo.apply_retention(vm="a", job="nightly", keep=2)
+
+    assert removed == [nightly[1].id, nightly[0].id]
+    assert [p.id for p in repo.points(vm="a", job="nightly")] == [nightly[3].id, nightly[2].id]
+    assert {p.id for p in repo.points()} == {nightly[3].id, nightly[2].id, weekly.id, other_vm.id}
+    gone = before - block_files(repo)
+    assert gone == {block_file(repo, images[0][2 * BS :]), block_file(repo, images[1][2 * BS :])}
+    assert block_file(repo, shared[:BS]).exists()
+    assert restore_bytes(repo, nightly[2].id, tmp_path / "out") == [images[2]]
+    assert not (repo.path / "gc-pending").exists()
+
+
+def test_retention_rejects_keeping_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        make_repo(tmp_path).apply_retention(vm="a", job="nightly", keep=0)
+
+
+def test_gc_reports_what_it_freed(tmp_path):
+    repo = make_repo(tmp_path)
+    old = backup(repo, "a", {1: disk_image(42, 3)})
+    backup(repo, "a", {1: disk_image(43, 3)})
+    sizes = sum(path.stat().st_size for path in block_files(repo))
+
+    repo.apply_retention(vm="a", job="nightly", keep=1)
+    again = repo.collect_garbage()
+
+    assert (again.removed_blocks, again.freed_bytes, again.deferred) == (0, 0, False)
+    assert sum(path.stat().st_size for path in block_files(repo)) == sizes - old.stored_bytes
+
+
+def test_gc_is_deferred_while_a_writer_is_open_and_keeps_what_it_deduplicated_against(tmp_path):
+    repo = make_repo(tmp_path)
+    old_image = disk_image(50, 3)
+    old = backup(repo, "a", {1: old_image})
+    backup(repo, "a", {1: disk_image(51, 3)})
+    before = block_files(repo)
+    with repo.new_point(vm="a", job="nightly", session="s", mode="incremental") as writer:
+        writer.add_disk(key=1, label="d", capacity_bytes=len(old_image), change_id=None, base_point=old.id)
+
+        assert repo.apply_retention(vm="a", job="nightly", keep=1) == [old.id]
+        result = repo.collect_garbage()
+
+        assert result.deferred is True and result.removed_blocks == 0
+        assert block_files(repo) == before
+        kept = writer.commit()
+    assert repo.collect_garbage().removed_blocks == 0, "the new point references the old blocks"
+    assert restore_bytes(repo, kept.id, tmp_path / "out") == [old_image]
+
+
+def test_a_deferred_gc_runs_on_the_next_retention_even_if_that_deletes_nothing(tmp_path):
+    repo = make_repo(tmp_path)
+    backup(repo, "a", {1: disk_image(52, 2)})
+    backup(repo, "a", {1: disk_image(53, 2)})
+    writer = repo.new_point(vm="z", job="other", session="s", mode="full")
+    repo.apply_retention(vm="a", job="nightly", keep=1)
+    assert len(block_files(repo)) == 4
+    writer.abort()
+
+    assert repo.apply_retention(vm="a", job="nightly", keep=1) == []
+
+    assert len(block_files(repo)) == 2
+
+
+# ---- verify -----------------------------------------------------------------------------------
+
+
+def _flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "flipped bytes": _flip_middle,
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:10]),
+    "other content": lambda path: path.write_bytes(zstandard.ZstdCompressor().compress(b"x" * BS)),
+    "deleted": lambda path: path.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_verify_reports_every_point_referencing_a_damaged_block_and_only_those(tmp_path, damage):
+    repo = make_repo(tmp_path)
+    shared = disk_image(60, 1)
+    first = backup(repo, "a", {1: shared + disk_image(61, 1)})
+    second = backup(repo, "b", {1: disk_image(62, 1) + shared, 2: disk_image(64, 1, zero_blocks=(0,))})
+    clean = backup(repo, "c", {1: disk_image(63, 2)})
+    assert repo.verify().ok
+
+    damage(block_file(repo, shared))
+    progress = []
+    result = repo.verify(progress=lambda done, total: progress.append((done, total)))
+
+    assert result.ok is False
+    assert set(result.damaged_points) == {first.id, second.id}
+    assert (result.damaged_blocks, result.checked_blocks) == (1, 5)
+    assert progress[-1] == (5, 5)
+    assert blake3.blake3(shared).hexdigest() in result.problems[0]
+    assert repo.verify([clean.id]).ok
+    assert repo.verify([second.id]).damaged_points == (second.id,)
+
+
+def test_verify_counts_each_distinct_block_once(tmp_path):
+    repo = make_repo(tmp_path)
+    image = disk_image(65, 3)
+    for vm in ("a", "b", "c"):
+        backup(repo, vm, {1: image, 2: image})
+
+    assert repo.verify().checked_blocks == 3
+
+
+def test_verify_reports_a_point_whose_manifest_fails_its_checksum(tmp_path):
+    repo = make_repo(tmp_path)
+    good = backup(repo, "a", {1: disk_image(66, 2)})
+    bad = backup(repo, "b", {1: disk_image(67, 2)})
+    manifest = next((repo.path / "points").rglob(f"{bad.id}.manifest"))
+    header, maps = manifest.read_bytes().split(b"\n", 1)
+    edited = json.loads(header)
+    edited["job"] = "forged"  # still a valid header, so listing shows it; the checksum does not match
+    manifest.write_bytes(json.dumps(edited).encode() + b"\n" + maps)
+
+    result = repo.verify()
+
+    assert result.damaged_points == (bad.id,)
+    assert result.damaged_blocks == 0 and "checksum" in result.problems[0]
+    assert repo.verify([good.id]).ok
+
+
+# ---- crashes and concurrent writers -----------------------------------------------------------
+
+CRASHING_WRITER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from backupd.repository import Repository
+    repo = Repository.open(Path(sys.argv[1]))
+    writer = repo.new_point(vm="vm", job="j", session="s", mode="full")
+    disk = writer.add_disk(key=1, label="d", capacity_bytes=3 * 4096, change_id=None)
+    for i in range(3):
+        disk.put_block(i, os.urandom(4096))
+    print(writer.id, flush=True)
+    os._exit(9)  # dies without commit or abort
+    """
+)
+
+
+def test_staging_of_a_writer_that_died_is_discarded_on_open(tmp_path):
+    repo = make_repo(tmp_path)
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_WRITER, str(repo.path)], capture_output=True, text=True, timeout=60
+    )
+    assert crashed.returncode == 9, crashed.stderr
+    staged = repo.path / "staging" / crashed.stdout.strip()
+    assert len([p for p in staged.rglob("*") if p.is_file()]) == 4  # owner + 3 blocks
+
+    reopened = Repository.open(repo.path)
+
+    assert not staged.exists()
+    assert reopened.points() == [] and block_files(reopened) == set()
+
+
+def test_open_leaves_the_staging_of_live_writers_and_other_hosts_alone(tmp_path):
+    repo = make_repo(tmp_path)
+    foreign = repo.path / "staging" / "20200101T000000.000000Z-0000abcd"
+    foreign.mkdir()
+    (foreign / "owner").write_text(json.dumps({"host": socket.gethostname() + "-elsewhere", "pid": 1}))
+    with repo.new_point(vm="vm", job="j", session="s", mode="full") as writer:
+        writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None).put_block(0, disk_image(70, 1))
+
+        Repository.open(repo.path)
+
+        assert (repo.path / "staging" / writer.id).is_dir()
+        info = writer.commit()
+    assert foreign.is_dir()
+    assert restore_bytes(repo, info.id, tmp_path / "out") == [disk_image(70, 1)]
+
+
+def test_two_writers_of_the_same_new_blocks_both_commit(tmp_path):
+    repo = make_repo(tmp_path)
+    image = disk_image(71, 4)
+    first = repo.new_point(vm="a", job="j", session="s", mode="full")
+    second = repo.new_point(vm="b", job="j", session="s", mode="full")
+    for writer in (first, second):
+        disk = writer.add_disk(key=1, label="d", capacity_bytes=len(image), change_id=None)
+        for i in range(4):
+            disk.put_block(i, image[i * BS : (i + 1) * BS])
+
+    one, two = first.commit(), second.commit()
+
+    assert one.stored_bytes > 0 and two.stored_bytes == 0, "the second commit found the blocks published"
+    assert len(block_files(repo)) == 4
+    assert repo.verify().ok
+
+
+# ---- opening ----------------------------------------------------------------------------------
+
+
+def test_create_writes_the_repository_config_and_an_existing_repository_keeps_its_block_size(tmp_path):
+    make_repo(tmp_path)
+    config = json.loads((tmp_path / "repo" / "repository.json").read_text())
+    assert config == {"format": "backupd-repository", "version": 1, "block_size": BS, "hash": "blake3", "compression": "zstd"}
+
+    again = Repository.open(tmp_path / "repo", create=True, block_size=1 << 20)
+
+    assert again.block_size == BS
+
+
+def test_open_without_create_names_the_path_that_is_not_a_repository(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", tmp_path / "absent"):
+        with pytest.raises(RepositoryError, match=str(path)):
+            Repository.open(path)
+    assert not (tmp_path / "absent").exists()
+
+
+def test_create_refuses_a_folder_with_other_contents(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(RepositoryError, match="not empty"):
+        Repository.open(tmp_path / "home", create=True)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"format": "backupd-repository", "version": 2, "block_size": BS, "hash": "blake3", "compression": "zstd"}, "newer"),
+        ({"format": "backupd-repository", "version": 1, "block_size": BS, "hash": "sha1", "compression": "zstd"}, "unsupported"),
+        ({"format": "something-else"}, "malformed"),
+        ("not json", "malformed"),
+    ],
+)
+def test_open_refuses_repositories_it_cannot_read(tmp_path, config, message):
+    make_repo(tmp_path)
+    (tmp_path / "repo" / "repository.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    with pytest.raises(RepositoryError, match=message):
+        Repository.open(tmp_path / "repo")
+
+
+@pytest.mark.parametrize("options", [{"block_size": 1000}, {"block_size": 128 << 20}, {"compression_level": 0}])
+def test_open_rejects_bad_parameters(tmp_path, options):
+    with pytest.raises(ValueError):
+        Repository.open(tmp_path / "repo", create=True, **options)
+
+
+# ---- paths and permissions --------------------------------------------------------------------
+
+HOSTILE_NAMES = ["../../etc", "/abs", "a/b", "..", ".", "", ".hidden", "x" * 5000, "ünïcødé ☃ VM", "nul\0byte", "\ud800", "C:\\win"]
+
+
+@pytest.mark.parametrize("vm", HOSTILE_NAMES, ids=range(len(HOSTILE_NAMES)))
+def test_no_vm_name_makes_the_repository_write_outside_its_root(tmp_path, vm):
+    repo = make_repo(tmp_path)
+    image = disk_image(80, 1, tail=3)
+
+    info = backup(repo, vm, {7: image}, job="../job/\0")
+    [restored] = repo.restore(info.id, tmp_path / "out")
+
+    assert sorted(os.listdir(tmp_path)) == ["out", "repo"]
+    assert restored.parent == tmp_path / "out" and restored.read_bytes() == image
+    [folder] = os.listdir(repo.path / "points")
+    assert folder == vm_key(vm) and len(folder) <= 57 and not folder.startswith(".")
+    assert set(folder) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+    assert [p.vm for p in repo.points(vm=vm)] == [vm]
+
+
+def test_names_that_sanitize_alike_get_separate_folders(tmp_path):
+    names = ["a/b", "a_b", "a?b", "a b", ".a_b"]
+    assert len({vm_key(name) for name in names}) == len(names)
+    repo = make_repo(tmp_path)
+    for seed, name in enumerate(names):
+        backup(repo, name, {1: disk_image(seed, 1)})
+    assert {name: [p.vm for p in repo.points(vm=name)] for name in names} == {name: [name] for name in names}
+
+
+def test_files_are_0600_and_folders_0700_whatever_the_umask(tmp_path):
+    previous = os.umask(0)
+    try:
+        repo = Repository.open(tmp_path / "repo", create=True, block_size=BS)
+        old = backup(repo, "vm", {1: disk_image(90, 3, zero_blocks=(1,))})
+        backup(repo, "vm", {1: disk_image(91, 3)})
+        repo.apply_retention(vm="vm", job="nightly", keep=1)
+        with repo.new_point(vm="vm", job="nightly", session="s", mode="full") as writer:
+            writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None).put_block(0, disk_image(92, 1))
+            check_modes(repo.path)  # staging too
+        repo.restore(repo.points()[0].id, tmp_path / "restored")
+    finally:
+        os.umask(previous)
+    assert old.id not in {p.id for p in repo.points()}
+    check_modes(repo.path)
+    check_modes(tmp_path / "restored")
+
+
+def check_modes(root: Path) -> None:
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    for path in root.rglob("*"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), f"{path}: {oct(mode)}"
