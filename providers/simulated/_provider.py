@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from providers.base import (
     CbtUnavailable,
@@ -44,6 +45,27 @@ from providers.simulated._vms import Vm, VmCatalog
 from providers.simulated.config import SimulatedProviderConfig
 
 _MiB = 1 << 20
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _maps_os_errors(
+    error: type[ProviderError] = ProviderError,
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Turn an ``OSError`` from the state folder (disk full, a file deleted by hand) into
+    ``error`` naming the operation and the file: the provider's boundary."""
+
+    def decorate(method: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(method)
+        def mapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return method(*args, **kwargs)
+            except OSError as exc:
+                raise error(f"simulated hypervisor: {method.__name__}: {exc}") from exc
+
+        return mapped
+
+    return decorate
 
 
 class SimulatedProvider(Provider):
@@ -66,6 +88,7 @@ class SimulatedProvider(Provider):
 
     # -- the Provider contract ---------------------------------------------------------------
 
+    @_maps_os_errors()
     def list_vms(self) -> list[VmInfo]:
         """Every VM of the config, sorted by name, with live disks and changeIds.
 
@@ -73,6 +96,7 @@ class SimulatedProvider(Provider):
         """
         return [self._info(self._vms.get(name)) for name in self._vms.names()]
 
+    @_maps_os_errors()
     def find_vm(self, name: str) -> VmInfo:
         """The VM called ``name``, with live disks and changeIds.
 
@@ -81,6 +105,7 @@ class SimulatedProvider(Provider):
         """
         return self._info(self._vms.get(name))
 
+    @_maps_os_errors(SnapshotError)
     def create_snapshot(
         self, vm: VmInfo, *, name: str, description: str, quiesce: bool
     ) -> Snapshot:
@@ -140,6 +165,7 @@ class SimulatedProvider(Provider):
             os.rename(partial.root, target.paths.snapshot(snapshot.id).root)
         return snapshot
 
+    @_maps_os_errors(SnapshotError)
     def remove_snapshot(self, snapshot: Snapshot) -> None:
         """Remove the snapshot and delete its files; it takes ``snapshot_remove_seconds``.
         Readers still open on it fail with :class:`DiskReadError` from then on.
@@ -169,6 +195,7 @@ class SimulatedProvider(Provider):
                 os.rename(folder.root, gone)
             shutil.rmtree(gone)
 
+    @_maps_os_errors()
     def list_snapshots(self, vm: VmInfo) -> list[Snapshot]:
         """The VM's snapshots, oldest first.
 
@@ -178,6 +205,7 @@ class SimulatedProvider(Provider):
         records = (read_json(folder.meta) for folder in target.paths.snapshot_folders())
         return [_snapshot_of(record) for record in records if record is not None]
 
+    @_maps_os_errors()
     def disks(self, snapshot: Snapshot) -> list[Disk]:
         """The snapshot's disks in device order, each with its changeId at the snapshot.
 
@@ -186,6 +214,7 @@ class SimulatedProvider(Provider):
         _, _, record = self._snapshot(snapshot)
         return [_disk_of(entry) for entry in record["disks"]]
 
+    @_maps_os_errors()
     def changed_areas(self, snapshot: Snapshot, disk: Disk, since: str) -> list[Extent]:
         """The byte extents of ``disk`` written after the state ``since`` and up to the
         snapshot, exactly as the guest wrote them, merged and clipped to the disk.
@@ -241,9 +270,9 @@ class SimulatedProvider(Provider):
                 probe,
                 Pacer(self.config.read_mib_per_s * _MiB),
             )
-        except FileNotFoundError as exc:
-            raise SnapshotError(f"{what}: the snapshot was removed") from exc
         except OSError as exc:
+            if not folder.meta.exists():
+                raise SnapshotError(f"{what}: the snapshot was removed") from exc
             raise DiskReadError(f"{what}: cannot open the disk: {exc}") from exc
 
     def close(self) -> None:
@@ -252,6 +281,7 @@ class SimulatedProvider(Provider):
 
     # -- administration (``backupd sim ...``) ----------------------------------------------
 
+    @_maps_os_errors()
     def write_data(self, vm_name: str, *, disk: int = 0, offset: int, data: bytes) -> Extent:
         """Write ``data`` at byte ``offset`` of a disk as the guest would (any alignment):
         snapshots keep their content, CBT records the extent.
@@ -272,6 +302,7 @@ class SimulatedProvider(Provider):
         guest_write(target.paths, record.key, record.capacity_bytes, offset, bytes(data))
         return Extent(offset, len(data))
 
+    @_maps_os_errors()
     def write_random_blocks(
         self, vm_name: str, *, disk: int = 0, blocks: int, seed: int | None = None
     ) -> list[Extent]:
@@ -302,6 +333,7 @@ class SimulatedProvider(Provider):
             extents.append(Extent(offset, len(data)))
         return extents
 
+    @_maps_os_errors()
     def set_fault(self, vm_name: str, op: str, *, times: int = 1, permanent: bool = False) -> None:
         """Arm a fault for the VM's ``op``, seen at once by every process on this state_dir.
 
@@ -315,6 +347,7 @@ class SimulatedProvider(Provider):
         target = self._vms.get(vm_name)
         FaultStore(target.name, target.paths).arm(op, times=times, permanent=permanent)
 
+    @_maps_os_errors()
     def clear_faults(self, vm_name: str) -> None:
         """Disarm every fault of the VM.
 
@@ -323,6 +356,7 @@ class SimulatedProvider(Provider):
         target = self._vms.get(vm_name)
         FaultStore(target.name, target.paths).clear()
 
+    @_maps_os_errors()
     def faults(self, vm_name: str) -> dict[str, dict[str, Any]]:
         """The VM's armed faults: ``{op: {"permanent": bool, "remaining": int | None}}``.
 
@@ -331,6 +365,7 @@ class SimulatedProvider(Provider):
         target = self._vms.get(vm_name)
         return FaultStore(target.name, target.paths).armed()
 
+    @_maps_os_errors()
     def reset_cbt(self, vm_name: str) -> None:
         """Start a new CBT epoch on every disk of the VM: earlier changeIds stop working
         (:class:`CbtUnavailable`), ``"*"`` keeps working.
@@ -343,6 +378,7 @@ class SimulatedProvider(Provider):
             with locked(paths.lock, exclusive=True):
                 ChangeLog(paths.cbt).reset()
 
+    @_maps_os_errors()
     def disk_path(self, vm_name: str, disk: int = 0) -> Path:
         """The live disk's file: the disk's bytes, exactly ``capacity_bytes`` long.
 

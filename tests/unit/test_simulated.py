@@ -230,6 +230,18 @@ def test_invalid_arguments_are_also_value_errors(sim: SimulatedProvider) -> None
         sim.write_data("vm1", offset=16 * MiB, data=b"x")
 
 
+def test_a_damaged_state_folder_surfaces_as_provider_errors(sim: SimulatedProvider) -> None:
+    snapshot = snap(sim)
+    live = sim.disk_path("vm1")
+    live.unlink()  # deleted by hand
+
+    with pytest.raises(ProviderError, match=f"write_data.*{live.name}") as caught:
+        sim.write_data("vm1", offset=0, data=b"x")
+    assert isinstance(caught.value.__cause__, FileNotFoundError)
+    with pytest.raises(DiskReadError, match="cannot open"):
+        sim.open_disk(snapshot, sim.disks(snapshot)[0])
+
+
 # -- snapshots and copy-on-write --------------------------------------------------------------
 
 
