@@ -17,7 +17,9 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import blake3
@@ -32,6 +34,35 @@ DIGEST_SIZE = 32
 #: the block-map entry of an all-zero block; BLAKE3 of any data equals it with negligible odds
 ZERO_DIGEST = bytes(DIGEST_SIZE)
 _HEX_NAME_LENGTH = 2 * DIGEST_SIZE
+#: blocks handed to a thread pool at a time by :func:`map_blocks` (bounds futures and memory)
+_WINDOW = 64
+
+
+def block_workers() -> int:
+    """Threads for reading blocks in parallel (verify, restore): decompression and BLAKE3
+    release the GIL, so up to 4 cores help; more mostly adds I/O contention."""
+    return min(4, os.cpu_count() or 1)
+
+
+def map_blocks(pool: ThreadPoolExecutor, work: Callable, items: Iterable) -> Iterator:
+    """Like ``pool.map(work, items)``: results in order, at most a window of items in flight.
+
+    When the caller stops early or ``work`` raises, the items still in flight are finished
+    (or cancelled) before this returns, so ``work`` never outlives what it writes to (the
+    restore's file descriptor, for one).
+    """
+    pending: deque[Future] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) >= _WINDOW:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        wait(pending)
 
 
 def block_digest(data: bytes | bytearray | memoryview) -> bytes:

@@ -216,7 +216,8 @@ class Layout:
             raise ValueError(f"block_size must be a multiple of 4096 in [4 KiB, 64 MiB], got {block_size}")
         try:
             self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            ours = {"blocks", "points", "staging", "lock", "repository.json"}  # a concurrent or interrupted initialise
+            # what a concurrent or an interrupted initialise leaves
+            ours = {"blocks", "points", "staging", "lock", "repository.json"}
             entries = {e for e in os.listdir(self.root) if not e.startswith(".repository.json.")}
             if entries - ours:
                 raise RepositoryError(f"{self.root}: exists, is not empty and is not a backupd repository")

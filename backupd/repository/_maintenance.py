@@ -15,19 +15,15 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 
 from backupd.errors import NotFoundError, RepositoryCorruptError, RepositoryError
 
-from ._blocks import DIGEST_SIZE, ZERO_DIGEST, BlockStore
+from ._blocks import DIGEST_SIZE, ZERO_DIGEST, BlockStore, block_workers, map_blocks
 from ._layout import FILE_MODE, Layout, fsync_dir
 from ._locking import discard_dead_staging, lock_shared, try_lock_exclusive
 from ._manifest import PointInfo, iter_map_digests, read_manifest
 
 log = logging.getLogger(__name__)
-
-#: blocks handed to the verify thread pool at a time (bounds the futures in memory)
-_VERIFY_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -217,15 +213,11 @@ def _check_blocks(
         return None
 
     damaged = set()
-    done = 0
-    remaining = iter(digests)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="verify") as pool:
-        while batch := list(islice(remaining, _VERIFY_BATCH)):
-            for digest, problem in zip(batch, pool.map(check, batch)):
-                if problem is not None:
-                    damaged.add(digest)
-                    problems.append(problem)
-                done += 1
-                if progress is not None:
-                    progress(done, len(digests))
+    with ThreadPoolExecutor(block_workers(), thread_name_prefix="verify") as pool:
+        for done, (digest, problem) in enumerate(zip(digests, map_blocks(pool, check, digests)), start=1):
+            if problem is not None:
+                damaged.add(digest)
+                problems.append(problem)
+            if progress is not None:
+                progress(done, len(digests))
     return damaged

@@ -85,7 +85,9 @@ class Repository:
             member is accepted and stored by value).
         :raises RepositoryError: the staging folder or lock cannot be created.
         """
-        return PointWriter(self._layout, self._store, self.block_size, vm=vm, job=job, session=session, mode=mode)
+        return PointWriter(
+            self._layout, self._store, self.block_size, vm=vm, job=job, session=session, mode=mode
+        )
 
     def points(self, *, vm: str | None = None, job: str | None = None) -> list[PointInfo]:
         """Restore points, newest first, optionally only of one VM and/or one job.

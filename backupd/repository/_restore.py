@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from backupd.errors import RepositoryCorruptError, RepositoryError
 
-from ._blocks import DIGEST_SIZE, ZERO_DIGEST, BlockStore
+from ._blocks import DIGEST_SIZE, ZERO_DIGEST, BlockStore, block_workers, map_blocks
 from ._layout import DIR_MODE, FILE_MODE, Layout, fsync_dir, vm_key
 from ._locking import lock_shared
 from ._manifest import PointDisk, read_manifest
@@ -59,8 +60,9 @@ def restore(
                 if progress is not None:
                     progress(done, info.logical_bytes)
 
-            for disk, block_map, temp in zip(info.disks, maps, temps):
-                _restore_disk(store, block_size, point_id, disk, block_map, temp, advance)
+            with ThreadPoolExecutor(block_workers(), thread_name_prefix="restore") as pool:
+                for disk, block_map, temp in zip(info.disks, maps, temps):
+                    _restore_disk(pool, store, block_size, point_id, disk, block_map, temp, advance)
             for temp, final in zip(temps, finals):
                 try:
                     os.link(temp, final)  # unlike rename, never replaces a file created meanwhile
@@ -82,6 +84,7 @@ def restore(
 
 
 def _restore_disk(
+    pool: ThreadPoolExecutor,
     store: BlockStore,
     block_size: int,
     point_id: str,
@@ -90,26 +93,31 @@ def _restore_disk(
     temp: Path,
     advance: Callable[[int], None],
 ) -> None:
-    """Write one disk image to ``temp``: data blocks at their offsets, holes for zeros."""
+    """Write one disk image to ``temp``: data blocks at their offsets, holes for zeros.
+
+    Blocks are read, decompressed, checked and written by ``pool``'s threads (``pwrite`` at
+    distinct offsets needs no coordination); ``advance`` is called in disk order.
+    """
+
+    def restore_block(index: int) -> int:
+        offset = index * block_size
+        length = min(block_size, disk.capacity_bytes - offset)
+        digest = block_map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+        if digest == ZERO_DIGEST:
+            return length
+        where = f"restore point {point_id}, disk {disk.key}, block {index}"
+        try:
+            data = store.read(digest)
+        except RepositoryCorruptError as exc:
+            raise RepositoryCorruptError(f"{where}: {exc}") from exc
+        if len(data) != length:
+            raise RepositoryCorruptError(f"{where}: {len(data)} bytes where {length} belong")
+        _pwrite_all(fd, data, offset)
+        return length
+
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        for index in range(len(block_map) // DIGEST_SIZE):
-            digest = block_map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
-            offset = index * block_size
-            length = min(block_size, disk.capacity_bytes - offset)
-            if digest != ZERO_DIGEST:
-                try:
-                    data = store.read(digest)
-                except RepositoryCorruptError as exc:
-                    raise RepositoryCorruptError(
-                        f"restore point {point_id}, disk {disk.key}, block {index}: {exc}"
-                    ) from exc
-                if len(data) != length:
-                    raise RepositoryCorruptError(
-                        f"restore point {point_id}, disk {disk.key}, block {index}: "
-                        f"{len(data)} bytes where {length} belong"
-                    )
-                _pwrite_all(fd, data, offset)
+        for length in map_blocks(pool, restore_block, range(len(block_map) // DIGEST_SIZE)):
             advance(length)
         os.ftruncate(fd, disk.capacity_bytes)
         os.fsync(fd)

@@ -47,7 +47,15 @@ class PointWriter:
     """
 
     def __init__(
-        self, layout: Layout, store: BlockStore, block_size: int, *, vm: str, job: str, session: str, mode: str
+        self,
+        layout: Layout,
+        store: BlockStore,
+        block_size: int,
+        *,
+        vm: str,
+        job: str,
+        session: str,
+        mode: str,
     ) -> None:
         for name, value in (("vm", vm), ("job", job), ("session", session), ("mode", mode)):
             if not isinstance(value, str):
@@ -80,7 +88,13 @@ class PointWriter:
         self.abort()
 
     def add_disk(
-        self, *, key: int, label: str, capacity_bytes: int, change_id: str | None, base_point: str | None = None
+        self,
+        *,
+        key: int,
+        label: str,
+        capacity_bytes: int,
+        change_id: str | None,
+        base_point: str | None = None,
     ) -> DiskWriter:
         """Start one disk of this restore point.
 
@@ -118,7 +132,9 @@ class PointWriter:
         except NotFoundError as exc:
             raise RepositoryError(f"base restore point {base_point} does not exist") from exc
         if base.vm != self.vm:
-            raise RepositoryError(f"base restore point {base_point} belongs to VM {base.vm!r}, not {self.vm!r}")
+            raise RepositoryError(
+                f"base restore point {base_point} belongs to VM {base.vm!r}, not {self.vm!r}"
+            )
         for disk, block_map in zip(base.disks, maps):
             if disk.key == key:
                 if disk.capacity_bytes != capacity_bytes:
@@ -217,7 +233,9 @@ class PointWriter:
 
     def _require_open(self) -> None:
         if self._state is not _State.OPEN:
-            raise RepositoryError(f"restore point {self.id} is {self._state.value}, no longer open for writing")
+            raise RepositoryError(
+                f"restore point {self.id} is {self._state.value}, no longer open for writing"
+            )
 
     def _enter_put(self) -> None:
         with self._guard:

@@ -242,10 +242,13 @@ def test_two_writers_of_the_same_new_blocks_both_commit(tmp_path):
 # ---- opening ----------------------------------------------------------------------------------
 
 
+CONFIG = {"format": "backupd-repository", "version": 1, "block_size": BS, "hash": "blake3", "compression": "zstd"}
+
+
 def test_create_writes_the_repository_config_and_an_existing_repository_keeps_its_block_size(tmp_path):
     make_repo(tmp_path)
     config = json.loads((tmp_path / "repo" / "repository.json").read_text())
-    assert config == {"format": "backupd-repository", "version": 1, "block_size": BS, "hash": "blake3", "compression": "zstd"}
+    assert config == CONFIG
 
     again = Repository.open(tmp_path / "repo", create=True, block_size=1 << 20)
 
@@ -270,8 +273,8 @@ def test_create_refuses_a_folder_with_other_contents(tmp_path):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"format": "backupd-repository", "version": 2, "block_size": BS, "hash": "blake3", "compression": "zstd"}, "newer"),
-        ({"format": "backupd-repository", "version": 1, "block_size": BS, "hash": "sha1", "compression": "zstd"}, "unsupported"),
+        ({**CONFIG, "version": 2}, "newer"),
+        ({**CONFIG, "hash": "sha1"}, "unsupported"),
         ({"format": "something-else"}, "malformed"),
         ("not json", "malformed"),
     ],
@@ -291,7 +294,9 @@ def test_open_rejects_bad_parameters(tmp_path, options):
 
 # ---- paths and permissions --------------------------------------------------------------------
 
-HOSTILE_NAMES = ["../../etc", "/abs", "a/b", "..", ".", "", ".hidden", "x" * 5000, "ünïcødé ☃ VM", "nul\0byte", "\ud800", "C:\\win"]
+HOSTILE_NAMES = [
+    "../../etc", "/abs", "a/b", "..", ".", "", ".hidden", "x" * 5000, "ünïcødé ☃ VM", "nul\0byte", "\ud800", "C:\\win",
+]
 
 
 @pytest.mark.parametrize("vm", HOSTILE_NAMES, ids=range(len(HOSTILE_NAMES)))

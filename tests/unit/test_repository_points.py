@@ -22,6 +22,7 @@ from backupd.errors import NotFoundError, RepositoryCorruptError, RepositoryErro
 from backupd.repository import PointDisk, PointInfo, Repository, image_name
 
 BS = 4096
+ABSENT_POINT = "20200101T000000.000000Z-00000000"
 
 
 def make_repo(tmp_path: Path, **options) -> Repository:
@@ -79,7 +80,7 @@ def test_round_trip_restores_zero_blocks_and_short_last_block_exactly(tmp_path):
     assert path.name == "web01-" + path.name.split("-")[1] + "-disk2000.img"
     assert path.stat().st_blocks * 512 < len(image), "zero blocks must be holes"
     assert info.logical_bytes == len(image) == info.bytes_read
-    assert info.disks == (PointDisk(key=2000, label="Hard disk 2000", capacity_bytes=len(image), change_id="cid-2000"),)
+    assert info.disks == (PointDisk(2000, "Hard disk 2000", capacity_bytes=len(image), change_id="cid-2000"),)
     assert 0 < info.stored_bytes
     assert info.created_at.tzinfo is timezone.utc
     assert (info.vm, info.job, info.session, info.mode) == ("web01", "nightly", "session-1", "full")
@@ -175,7 +176,7 @@ def test_incremental_from_a_missing_base_point_is_a_repository_error(tmp_path):
     repo = make_repo(tmp_path)
     with repo.new_point(vm="vm", job="j", session="s", mode="incremental") as writer:
         with pytest.raises(RepositoryError, match="does not exist"):
-            writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None, base_point="20200101T000000.000000Z-00000000")
+            writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None, base_point=ABSENT_POINT)
 
 
 def test_put_block_rejects_wrong_index_or_length(tmp_path):
@@ -283,7 +284,7 @@ def test_listing_reads_headers_only_and_skips_a_manifest_with_a_broken_header(tm
         repo.point(bad.id)
 
 
-@pytest.mark.parametrize("point_id", ["20200101T000000.000000Z-00000000", "../../etc/passwd", ""])
+@pytest.mark.parametrize("point_id", [ABSENT_POINT, "../../etc/passwd", ""])
 def test_unknown_or_malformed_point_id_is_not_found(tmp_path, point_id):
     repo = make_repo(tmp_path)
     with pytest.raises(NotFoundError):
