@@ -239,6 +239,58 @@ def test_two_writers_of_the_same_new_blocks_both_commit(tmp_path):
     assert repo.verify().ok
 
 
+CONCURRENT_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from backupd.repository import Repository
+    repo = Repository.open(Path(sys.argv[1]))
+    image = Path(sys.argv[2]).read_bytes()
+    for round in range(3):
+        with repo.new_point(vm=sys.argv[3], job="j", session=str(round), mode="full") as writer:
+            disk = writer.add_disk(key=1, label="d", capacity_bytes=len(image), change_id=None)
+            for i in range(len(image) // 4096):
+                disk.put_block(i, image[i * 4096 : (i + 1) * 4096])
+            writer.commit()
+        repo.apply_retention(vm=sys.argv[3], job="j", keep=1)
+    """
+)
+
+
+def test_processes_writing_the_same_blocks_while_gc_runs_leave_every_point_whole(tmp_path):
+    repo = make_repo(tmp_path)
+    image = disk_image(72, 16)
+    (tmp_path / "image").write_bytes(image)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(repo.path), str(tmp_path / "image"), vm])
+        for vm in ("a", "b", "c")
+    ]
+    while any(writer.poll() is None for writer in writers):
+        repo.collect_garbage()  # deferred while any writer is open, collects in between
+    assert [writer.wait(60) for writer in writers] == [0, 0, 0]
+
+    assert sorted(p.vm for p in repo.points()) == ["a", "b", "c"]
+    assert repo.verify().ok and len(block_files(repo)) == 16
+    for point in repo.points():
+        assert restore_bytes(repo, point.id, tmp_path / point.vm) == [image]
+
+
+def test_a_commit_that_fails_before_the_manifest_leaves_no_point_and_gc_frees_its_blocks(tmp_path, monkeypatch):
+    from backupd.repository import _writer
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    repo = make_repo(tmp_path)
+    monkeypatch.setattr(_writer, "write_manifest", disk_full)
+    with pytest.raises(RepositoryError, match="No space left"):
+        backup(repo, "vm", {1: disk_image(73, 3)})
+
+    assert repo.points() == [] and os.listdir(repo.path / "staging") == []
+    assert len(block_files(repo)) == 3, "published before the manifest failed"
+    assert repo.collect_garbage().removed_blocks == 3
+
+
 # ---- opening ----------------------------------------------------------------------------------
 
 
