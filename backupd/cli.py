@@ -138,7 +138,8 @@ def job_start(ctx: _Context, job_name: str, wait: bool, full: bool, as_json: boo
     if not as_json:
         click.echo(f"session {session.id} started (job {job_name})", err=True)
     result = run_in_foreground(service, session.id, live=not as_json and sys.stderr.isatty())
-    document = session_document(service.store.session(session.id), service.store.tasks(session.id))
+    store = service.store
+    document = session_document(store.session(session.id), store.tasks(session.id), store.log_lines(session.id))
     if as_json:
         _print_json(document)
     else:

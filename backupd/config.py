@@ -169,8 +169,7 @@ def load_config(path: Path) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = _line_of_decode_error(str(exc))
-        raise ConfigError(str(path), [("", line, f"not valid TOML: {exc}")]) from None
+        raise ConfigError(str(path), [_decode_problem(str(exc))]) from None
 
     locate = _KeyLocator(text)
     problems: list[tuple[str, int | None, str]] = []
@@ -276,9 +275,15 @@ def _resolve_sqlite_url(url: str, base: Path) -> str:
     return url
 
 
-def _line_of_decode_error(message: str) -> int | None:
-    match = re.search(r"at line (\d+)", message)
-    return int(match.group(1)) if match else None
+def _decode_problem(message: str) -> tuple[str, int | None, str]:
+    """A TOML syntax error as (key path, line, text); a table declared twice (e.g. two
+    ``[jobs.nightly]``, which is how a duplicate job name shows) names its key path."""
+    line = re.search(r"at line (\d+)", message)
+    twice = re.match(r"Cannot declare \(([^)]*)\) twice", message)
+    if twice:
+        key = ".".join(part.strip().strip("'\"") for part in twice.group(1).split(","))
+        return key, int(line.group(1)) if line else None, "declared twice (duplicate name)"
+    return "", int(line.group(1)) if line else None, f"not valid TOML: {message}"
 
 
 class _KeyLocator:

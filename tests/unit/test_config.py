@@ -90,7 +90,7 @@ def test_an_invalid_value_is_named_by_key_path_and_line(tmp_path, change, key, l
 def test_duplicate_job_tables_are_refused_with_their_line(tmp_path: Path) -> None:
     text = VALID + '\n[jobs.nightly]\nprovider = "lab"\n'
     ((key, line, text_),) = problems(write(tmp_path, text))
-    assert line == 24 and "nightly" in text_
+    assert (key, line) == ("jobs.nightly", 24) and "declared twice" in text_
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
