@@ -46,6 +46,8 @@ class SimulatedVmConfig(BaseModel):
                 out.append(ByteSize(size))
             elif isinstance(item, str):
                 out.append(Path(item))
+            elif isinstance(item, int) and not isinstance(item, bool) and item > 0:
+                out.append(ByteSize(item))  # a size in bytes, as model_dump() writes it
             else:
                 raise ValueError(f"a disk is a path or a size string, got {item!r}")
         return out
