@@ -43,11 +43,11 @@ class SimulatedVmConfig(BaseModel):
                     raise ValueError(f"bad size string {item!r} (use e.g. '8 GiB')") from exc
                 if size <= 0:
                     raise ValueError(f"disk size must be positive, got {item!r}")
-                out.append(ByteSize(size))
-            elif isinstance(item, str):
-                out.append(Path(item))
+                out.append(int(size))
+            elif isinstance(item, (str, Path)):
+                out.append(str(item))  # a disk image path
             elif isinstance(item, int) and not isinstance(item, bool) and item > 0:
-                out.append(ByteSize(item))  # a size in bytes, as model_dump() writes it
+                out.append(item)  # a size in bytes, as model_dump() writes it
             else:
                 raise ValueError(f"a disk is a path or a size string, got {item!r}")
         return out
