@@ -187,16 +187,19 @@ class BlockStore:
 
         :raises OSError: a folder cannot be listed.
         """
-        for prefix in os.scandir(self.folder):
-            if not prefix.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(prefix.path):
-                if len(entry.name) == _HEX_NAME_LENGTH:
-                    try:
-                        digest = bytes.fromhex(entry.name)
-                    except ValueError:
-                        continue
-                    yield digest, entry.path, entry.stat(follow_symlinks=False).st_size
+        with os.scandir(self.folder) as prefixes:
+            for prefix in prefixes:
+                if not prefix.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(prefix.path) as entries:
+                    for entry in entries:
+                        if len(entry.name) != _HEX_NAME_LENGTH:
+                            continue
+                        try:
+                            digest = bytes.fromhex(entry.name)
+                        except ValueError:
+                            continue
+                        yield digest, entry.path, entry.stat(follow_symlinks=False).st_size
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         compressor = getattr(self._local, "compressor", None)

@@ -214,7 +214,7 @@ def _check_blocks(
 
     damaged = set()
     with ThreadPoolExecutor(block_workers(), thread_name_prefix="verify") as pool:
-        for done, (digest, problem) in enumerate(zip(digests, map_blocks(pool, check, digests)), start=1):
+        for done, (digest, problem) in enumerate(zip(digests, map_blocks(pool, check, digests), strict=True), start=1):
             if problem is not None:
                 damaged.add(digest)
                 problems.append(problem)

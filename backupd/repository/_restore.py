@@ -61,9 +61,9 @@ def restore(
                     progress(done, info.logical_bytes)
 
             with ThreadPoolExecutor(block_workers(), thread_name_prefix="restore") as pool:
-                for disk, block_map, temp in zip(info.disks, maps, temps):
+                for disk, block_map, temp in zip(info.disks, maps, temps, strict=True):
                     _restore_disk(pool, store, block_size, point_id, disk, block_map, temp, advance)
-            for temp, final in zip(temps, finals):
+            for temp, final in zip(temps, finals, strict=True):
                 try:
                     os.link(temp, final)  # unlike rename, never replaces a file created meanwhile
                 except FileExistsError:

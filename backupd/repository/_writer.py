@@ -44,6 +44,10 @@ class PointWriter:
 
     :ivar id: the point's id, ``<UTC %Y%m%dT%H%M%S.%f>Z-<8 hex>``, unique and sortable.
     :ivar created_at: when the writer was opened (timezone-aware UTC).
+    :ivar vm: the VM name, as given to ``new_point``.
+    :ivar job: the job name.
+    :ivar session: the job session id.
+    :ivar mode: ``"full"`` or ``"incremental"``.
     """
 
     def __init__(
@@ -135,7 +139,7 @@ class PointWriter:
             raise RepositoryError(
                 f"base restore point {base_point} belongs to VM {base.vm!r}, not {self.vm!r}"
             )
-        for disk, block_map in zip(base.disks, maps):
+        for disk, block_map in zip(base.disks, maps, strict=True):
             if disk.key == key:
                 if disk.capacity_bytes != capacity_bytes:
                     raise RepositoryError(
@@ -200,13 +204,15 @@ class PointWriter:
         root = self._layout.root
         sync_filesystem(root)
         stored = 0
-        for prefix in os.scandir(self._staging.path):
-            if not prefix.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(prefix.path):
-                size = entry.stat().st_size
-                if self._store.publish(entry.path, bytes.fromhex(entry.name)):
-                    stored += size
+        with os.scandir(self._staging.path) as prefixes:
+            for prefix in prefixes:
+                if not prefix.is_dir(follow_symlinks=False):
+                    continue  # the owner file
+                with os.scandir(prefix.path) as staged:
+                    for entry in staged:
+                        size = entry.stat().st_size
+                        if self._store.publish(entry.path, bytes.fromhex(entry.name)):
+                            stored += size
         sync_filesystem(root)
         return stored
 

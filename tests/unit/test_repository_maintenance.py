@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from backupd.errors import RepositoryError
-from backupd.repository import Repository
+from backupd.repository import Repository, _writer
 from backupd.repository._layout import vm_key
 from test_repository_points import BS, backup, disk_image, make_repo, restore_bytes
 
@@ -276,8 +276,6 @@ def test_processes_writing_the_same_blocks_while_gc_runs_leave_every_point_whole
 
 
 def test_a_commit_that_fails_before_the_manifest_leaves_no_point_and_gc_frees_its_blocks(tmp_path, monkeypatch):
-    from backupd.repository import _writer
-
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
