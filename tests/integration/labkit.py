@@ -110,6 +110,8 @@ class Lab:
         #: the live disk of each VM as the guest wrote it (single-disk VMs)
         self.disks: dict[str, bytearray] = {}
         self._procs: list[subprocess.Popen[str]] = []
+        #: whether a session may still run when the test ends (a detached or background start)
+        self._may_leave_sessions = False
         self._counter = 0
 
     # ---- config ---------------------------------------------------------------------------
@@ -177,18 +179,28 @@ class Lab:
 
     def popen(self, *args: Any) -> "Background":
         """Start a CLI command in the background (e.g. ``job start JOB --wait``)."""
+        if not self.state_db.exists():
+            # Several processes opening a fresh state DB at the same moment is covered by
+            # test_state_db.py; the other tests open it once first, so they test what they say.
+            self.run_json("session", "list")
+        return self.popen_raw(*args)
+
+    def popen_raw(self, *args: Any) -> "Background":
+        """:meth:`popen` without opening the state DB first."""
         self._counter += 1
         out = self.scratch / f"bg{self._counter}.out"
         err = self.scratch / f"bg{self._counter}.err"
         with out.open("w") as fout, err.open("w") as ferr:
             proc = subprocess.Popen(self.argv(*args), cwd=self.site, env=self._env(), stdout=fout, stderr=ferr, text=True)
         self._procs.append(proc)
+        self._may_leave_sessions = True
         return Background(proc, out, err)
 
     # ---- sessions -------------------------------------------------------------------------
 
     def start(self, job: str, *extra: str) -> Any:
         """``job start JOB`` without ``--wait`` (detached runner); returns the session id."""
+        self._may_leave_sessions = True
         doc = self.run_json("job", "start", job, *extra)
         assert doc["job"] == job and doc.get("detached") is True, doc
         return doc["session"]
@@ -302,7 +314,7 @@ class Lab:
 
     def close(self) -> None:
         """Stop whatever sessions a failed test left running, then reap our own processes."""
-        if self.config.exists() and self.state_db.exists():
+        if self._may_leave_sessions and self.config.exists() and self.state_db.exists():
             try:
                 listed = self.run("session", "list", "--json", timeout=30)
                 running = {s["job"] for s in json.loads(listed.stdout) if s["state"] != "stopped"}

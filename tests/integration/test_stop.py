@@ -7,6 +7,7 @@ incompressible data, so a full transfer takes (disk size / ``read_mib_per_s``) s
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -81,15 +82,19 @@ def test_graceful_stop_lets_vms_in_flight_finish_and_skips_the_rest(lab: Lab) ->
     default) comes from another process, then the VMs in flight complete their restore points
     and snapshot removal, the waiting VM ends ``not_processed``, and the session ends
     ``warning`` (exit 1)."""
-    _three_full_vms(lab, "6 MiB", read_mib_per_s=1)  # 6 s per VM
+    _three_full_vms(lab, "10 MiB", read_mib_per_s=1)  # 10 s per VM
     runner = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
     lab.wait_for_vms_in_flight(session, ["vm-a", "vm-b"])
 
     answer = lab.run_json("job", "stop", "nightly")
     assert answer["stops"] == [{"job": "nightly", "session": session, "outcome": "stop_requested", "mode": "graceful"}]
-    stopping = lab.session(session)
-    assert stopping["state"] in ("stopping", "stopped") and stopping["stop"]["mode"] == "graceful"
+    stopping = lab.wait_for_session(session, lambda d: d["state"] == "stopping", what="state stopping")
+    assert stopping["stop"]["mode"] == "graceful"
+    assert {vm["name"]: vm["status"] for vm in stopping["vms"]}["vm-a"] == "running", "VMs in flight go on"
+
+    again = lab.run_json("job", "stop", "nightly")
+    assert again["stops"][0]["outcome"] == "stop_requested", "repeating a stop under way is harmless"
 
     doc = runner.finish_json(rc=EXIT_WARNING, timeout=60)
     assert (doc["state"], doc["result"]) == ("stopped", "warning")
@@ -113,7 +118,7 @@ def test_graceful_stop_before_the_first_vm_starts_fails_the_session_as_canceled_
     ``failed`` (exit 2) with the message ``Operation was canceled by user``, no VM processed and
     no snapshot taken; the other session is not disturbed."""
     lab.configure(
-        vms={"vm-a": "16 MiB", "vm-b": "1 MiB"},
+        vms={"vm-a": "32 MiB", "vm-b": "1 MiB"},
         jobs={
             "holder": {"vms": ["vm-a"]},
             "nightly": {"vms": ["vm-a", "vm-b"], "vm_lock_timeout_seconds": 120},
@@ -127,7 +132,11 @@ def test_graceful_stop_before_the_first_vm_starts_fails_the_session_as_canceled_
 
     nightly_run = lab.popen("job", "start", "nightly", "--wait", "--json")
     nightly = lab.wait_for_new_session("nightly")
-    lab.wait_for_session(nightly, lambda d: d["state"] == "working", what="nightly working")
+    lab.wait_for_session(
+        nightly,
+        lambda d: d["state"] == "working" and d["vms"][0]["status"] == "running",
+        what="nightly's vm-a waiting for its turn",
+    )
     assert lab.backupd_snapshots() == {"vm-a": [f"backupd-holder-{holder}"]}, "nightly waits, it took no snapshot"
 
     asked = time.monotonic()
@@ -164,11 +173,11 @@ def test_stop_without_a_running_session_exits_3_naming_the_job(lab: Lab) -> None
 
 def test_one_stop_call_stops_several_jobs_with_one_message(lab: Lab) -> None:
     """Given two jobs running (detached) and a third idle, when one ``job stop`` names all three
-    with ``--message``, then both running sessions are stopped and each shows the message in
-    ``session show``, the idle job is reported ``no_running_session`` with exit code 3, and
-    that does not undo the two stops."""
+    with ``--message`` and ``--wait``, then when it returns both running sessions have ended,
+    each showing the message in ``session show``; the idle job is reported
+    ``no_running_session`` with exit code 3, and that does not undo the two stops."""
     lab.configure(
-        vms={"vm-a": "16 MiB", "vm-b": "16 MiB", "vm-c": "1 MiB"},
+        vms={"vm-a": "32 MiB", "vm-b": "32 MiB", "vm-c": "1 MiB"},
         jobs={"alpha": {"vms": ["vm-a"]}, "beta": {"vms": ["vm-b"]}, "gamma": {"vms": ["vm-c"]}},
         read_mib_per_s=1,
     )
@@ -180,7 +189,9 @@ def test_one_stop_call_stops_several_jobs_with_one_message(lab: Lab) -> None:
     lab.wait_for_vms_in_flight(beta, ["vm-b"])
 
     message = "repo01 maintenance (OPS-4711)"
-    answer = lab.run_json("job", "stop", "alpha", "beta", "gamma", "--immediate", "--message", message, rc=EXIT_NO_SESSION)
+    answer = lab.run_json(
+        "job", "stop", "alpha", "beta", "gamma", "--immediate", "--message", message, "--wait", rc=EXIT_NO_SESSION
+    )
     assert [(s["job"], s["session"], s["outcome"]) for s in answer["stops"]] == [
         ("alpha", alpha, "stop_requested"),
         ("beta", beta, "stop_requested"),
@@ -189,8 +200,8 @@ def test_one_stop_call_stops_several_jobs_with_one_message(lab: Lab) -> None:
     assert [s["mode"] for s in answer["stops"][:2]] == ["immediate", "immediate"]
 
     for session, vm in ((alpha, "vm-a"), (beta, "vm-b")):
-        doc = lab.wait_stopped(session, timeout=20)
-        assert doc["result"] == "failed"
+        doc = lab.session(session)
+        assert (doc["state"], doc["result"]) == ("stopped", "failed"), "--wait returned after the sessions ended"
         assert doc["stop"]["mode"] == "immediate" and doc["stop"]["message"] == message
         assert doc["stop"]["requested_at"]
         assert [(v["name"], v["status"]) for v in doc["vms"]] == [(vm, "cancelled")]
@@ -204,7 +215,7 @@ def test_stop_message_longer_than_320_characters_is_a_usage_error(lab: Lab) -> N
     """Given a running session, when ``job stop`` gets a 321-character message, then it exits 64
     and the session is not stopped; a message of exactly 320 characters is accepted and kept
     whole."""
-    lab.configure(vms={"vm-a": "16 MiB"}, jobs={"nightly": {"vms": ["vm-a"]}}, read_mib_per_s=1)
+    lab.configure(vms={"vm-a": "32 MiB"}, jobs={"nightly": {"vms": ["vm-a"]}}, read_mib_per_s=1)
     lab.fill("vm-a", seed=1)
     session = lab.start("nightly")
     lab.wait_for_vms_in_flight(session, ["vm-a"])
@@ -217,3 +228,30 @@ def test_stop_message_longer_than_320_characters_is_a_usage_error(lab: Lab) -> N
 
     lab.run_json("job", "stop", "nightly", "--immediate", "--message", "y" * 320)
     assert lab.wait_stopped(session, timeout=20)["stop"]["message"] == "y" * 320
+
+
+def test_ctrl_c_on_a_foreground_session_stops_gracefully_then_immediately(lab: Lab) -> None:
+    """Given ``job start --wait`` running in the foreground with two VMs in flight, when the
+    administrator presses Ctrl-C, then a graceful stop is requested and the VMs in flight go on;
+    when Ctrl-C comes again, the stop becomes immediate: the VMs in flight end ``cancelled``
+    with their snapshots removed, the third VM ``not_processed``, and the command exits 2."""
+    _three_full_vms(lab, "32 MiB", read_mib_per_s=1)
+    runner = lab.popen("job", "start", "nightly", "--wait", "--json")
+    session = lab.wait_for_new_session("nightly")
+    lab.wait_for_vms_in_flight(session, ["vm-a", "vm-b"])
+
+    runner.proc.send_signal(signal.SIGINT)
+    graceful = lab.wait_for_session(session, lambda d: d["stop"] is not None, what="a stop request")
+    assert graceful["stop"]["mode"] == "graceful"
+    assert [vm["status"] for vm in graceful["vms"]][:2] == ["running", "running"], "VMs in flight go on"
+
+    runner.proc.send_signal(signal.SIGINT)
+    doc = runner.finish_json(rc=EXIT_FAILED, timeout=30)
+    assert doc["stop"]["mode"] == "immediate"
+    assert [(vm["name"], vm["status"]) for vm in doc["vms"]] == [
+        ("vm-a", "cancelled"),
+        ("vm-b", "cancelled"),
+        ("vm-c", "not_processed"),
+    ]
+    assert lab.backupd_snapshots() == {}
+    assert lab.points() == []

@@ -15,12 +15,12 @@ pytestmark = pytest.mark.slow
 
 def _two_jobs_sharing_vm_a(lab: Lab, lock_timeout: float) -> None:
     lab.configure(
-        vms={"vm-a": "16 MiB", "vm-b": "1 MiB"},
+        vms={"vm-a": "32 MiB", "vm-b": "1 MiB"},
         jobs={
             "first": {"vms": ["vm-a"]},
             "second": {"vms": ["vm-a", "vm-b"], "max_parallel_vms": 2, "vm_lock_timeout_seconds": lock_timeout},
         },
-        read_mib_per_s=1,  # the first session holds vm-a for 16 s
+        read_mib_per_s=1,  # the first session holds vm-a for 32 s
     )
     lab.fill("vm-a", seed=1)
     lab.write_disk("vm-b", b"vm-b boot sector", offset=0)
