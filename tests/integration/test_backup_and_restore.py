@@ -52,6 +52,28 @@ def test_second_run_is_incremental_reads_only_changed_blocks_and_restores_bit_fo
     ], "restore-point list is newest first and records each transfer mode"
 
 
+def test_incremental_after_random_guest_writes_restores_what_a_full_read_restores(lab: Lab) -> None:
+    """Given a VM backed up once, when the guest writes 3 random 1 MiB blocks (``sim write
+    --blocks``) and the job runs again, then the transfer is incremental and reads at most those
+    blocks, and its restore point restores exactly what a ``--full`` run of the same disk
+    restores (and not the disk before the writes)."""
+    lab.configure(vms={"vm-a": "32 MiB"}, jobs={"nightly": {"vms": ["vm-a"]}})
+    lab.sim("write", "vm-a", "--blocks", "8", "--seed", "1")
+    before = vms_by_name(lab.start_wait("nightly"))["vm-a"]
+
+    lab.sim("write", "vm-a", "--blocks", "3", "--seed", "2")
+    incremental = vms_by_name(lab.start_wait("nightly"))["vm-a"]
+    assert incremental["mode"] == "incremental"
+    assert 0 < incremental["bytes_read"] <= 6 * MiB, "3 blocks changed; at most 2 blocks each are read"
+    full = vms_by_name(lab.start_wait("nightly", "--full"))["vm-a"]
+    assert full["mode"] == "full"
+
+    images = {name: lab.restore("vm-a", point=vm["restore_point"])[1] for name, vm in
+              (("before", before), ("incremental", incremental), ("full", full))}
+    assert images["incremental"] == images["full"]
+    assert images["incremental"] != images["before"]
+
+
 def test_after_cbt_reset_the_next_run_is_full_and_succeeds(lab: Lab) -> None:
     """Given a VM backed up once, when its changed block tracking is reset (old changeIds become
     invalid) and the job runs again, then that transfer falls back to full, succeeds and restores
