@@ -270,6 +270,9 @@ class VmTask:
             self._check_cancel()
             self._update(stage="commit")
             info = writer.commit()
+        # While blocks are staged, two VM tasks may both count a block they share; the
+        # repository settles which point added it at commit.
+        self._bytes_stored = info.stored_bytes
         self._log(f"restore point {info.id} committed ({mode.value}, {self._bytes_read} bytes read, {self._bytes_stored} stored)")
         return info.id, mode
 
