@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import event, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
@@ -141,9 +141,21 @@ class StateStore:
             )
             if sqlite:
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            SQLModel.metadata.create_all(self.engine)
-        except OperationalError as exc:
+            self._create_tables()
+        except (OperationalError, ProgrammingError) as exc:
             raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.orig}") from exc
+
+    def _create_tables(self, attempts: int = 5) -> None:
+        """Create missing tables. ``create_all`` checks, then creates: two processes opening a
+        new state DB at once (cron starting two jobs) can both see a table missing, and the
+        slower one's CREATE then fails; it tries again and finds the table there."""
+        for attempt in range(attempts):
+            try:
+                SQLModel.metadata.create_all(self.engine)
+                return
+            except (OperationalError, ProgrammingError) as exc:
+                if "already exists" not in str(exc.orig) or attempt == attempts - 1:
+                    raise
 
     def _safe_url(self) -> str:
         from sqlalchemy.engine import make_url
