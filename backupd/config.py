@@ -12,6 +12,7 @@ relative SQLite database) are relative to the folder of the config file.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -39,11 +40,33 @@ MAX_STOP_MESSAGE = 320
 
 
 class StateConfig(BaseModel):
-    """``[state]``: where the state DB lives (a SQLAlchemy URL)."""
+    """``[state]``: where the state DB lives (a SQLAlchemy URL).
+
+    The password of a server database is best kept out of the file: name an environment
+    variable in ``password_env`` and it is read when the DB is opened, never stored in the
+    config object, printed or logged.
+    """
 
     model_config = _FROZEN
 
     url: str = "sqlite:///state.db"
+    password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    def connect_url(self) -> str:
+        """The URL to connect with, the password from ``password_env`` filled in.
+
+        :raises ConfigError: the environment variable is not set.
+        """
+        if self.password_env is None:
+            return self.url
+        from sqlalchemy.engine import make_url
+
+        password = os.environ.get(self.password_env)
+        if password is None:
+            from backupd.errors import StateError
+
+            raise StateError(f"the state DB password variable {self.password_env} is not set")
+        return make_url(self.url).set(password=password).render_as_string(hide_password=False)
 
 
 class RepositoryConfig(BaseModel):
@@ -149,8 +172,6 @@ class Config(BaseModel):
 
 def default_config_path() -> Path:
     """``$BACKUPD_CONFIG`` if set, else ``./backupd.toml``."""
-    import os
-
     return Path(os.environ.get("BACKUPD_CONFIG") or "backupd.toml")
 
 
@@ -207,6 +228,10 @@ def load_config(path: Path) -> Config:
 
     if doc is None:
         raise ConfigError(str(path), problems)
+    secret = doc.state.password_env
+    if secret is not None and secret not in os.environ:
+        problems.append(("state.password_env", locate(("state", "password_env")),
+                         f"environment variable {secret} is not set"))
     for name, job in doc.jobs.items():
         if job.provider not in doc.providers:
             problems.append(
@@ -224,7 +249,7 @@ def load_config(path: Path) -> Config:
     base = path.resolve().parent
     return Config(
         path=path.resolve(),
-        state=StateConfig(url=_resolve_sqlite_url(doc.state.url, base)),
+        state=doc.state.model_copy(update={"url": _resolve_sqlite_url(doc.state.url, base)}),
         providers={name: _resolve_paths(model, base) for name, model in providers.items()},
         repositories={name: _resolve_paths(repo, base) for name, repo in doc.repositories.items()},
         jobs=dict(doc.jobs),

@@ -56,7 +56,7 @@ class Backupd:
     def store(self) -> StateStore:
         """The state DB, opened on first use (ending sessions whose runner died)."""
         if self._store is None:
-            self._store = StateStore(self.config.state.url)
+            self._store = StateStore(self.config.state.connect_url())
             self._store.end_dead_sessions()
         return self._store
 

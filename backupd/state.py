@@ -164,11 +164,15 @@ class StateStore:
 
     @staticmethod
     def _ensure_sqlite_folder(url: str) -> None:
+        """Create the database's folder (0700) and the file itself (0600): sessions, VM names
+        and errors are nobody else's business. SQLite gives its -wal and -shm files the same
+        permissions as the database."""
         from sqlalchemy.engine import make_url
 
         database = make_url(url).database
         if database and database != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(database)), mode=0o700, exist_ok=True)
+            os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -119,3 +119,16 @@ def test_the_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "config.example.toml"
     config = load_config(example)
     assert config.jobs["nightly"].vms == ["web-01", "db-01", "mail-01"]
+
+
+def test_a_state_db_password_comes_from_the_environment_and_is_never_in_the_config(tmp_path, monkeypatch) -> None:
+    text = VALID.replace('url = "sqlite:///state.db"', 'url = "postgresql://backupd@db.example/backupd"\npassword_env = "BACKUPD_DB_PASSWORD"')
+    path = write(tmp_path, text)
+    monkeypatch.delenv("BACKUPD_DB_PASSWORD", raising=False)
+    (problem,) = problems(path)
+    assert problem == ("state.password_env", 3, "environment variable BACKUPD_DB_PASSWORD is not set")
+
+    monkeypatch.setenv("BACKUPD_DB_PASSWORD", "s3cret!")
+    config = load_config(path)
+    assert "s3cret" not in repr(config) and "s3cret" not in config.model_dump_json()
+    assert config.state.connect_url() == "postgresql://backupd:s3cret%21@db.example/backupd"
