@@ -141,6 +141,7 @@ def job_start(ctx: _Context, job_name: str, wait: bool, full: bool, as_json: boo
     store = service.store
     document = session_document(store.session(session.id), store.tasks(session.id), store.log_lines(session.id))
     if as_json:
+        document = {"session": session.id, **document}  # the key every `job start --json` has
         _print_json(document)
     else:
         click.echo(session_text(document))
@@ -185,8 +186,11 @@ def job_stop(ctx: _Context, jobs: tuple[str, ...], mode: str, message: str | Non
 @click.argument("session_id", type=int)
 @pass_ctx
 def job_run_session(ctx: _Context, session_id: int) -> None:
-    """Run a created session (the detached runner of ``job start``)."""
-    result = ctx.service.run_session(session_id)
+    """Run a created session (the detached runner of ``job start``); SIGTERM stops it
+    gracefully, a second SIGTERM immediately."""
+    from backupd.progress import run_in_foreground
+
+    result = run_in_foreground(ctx.service, session_id, live=False)
     sys.exit(result.exit_code)
 
 
@@ -453,4 +457,21 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:  # a bug or an unexpected environment: never exit 1 ("warning")
+        _report_unexpected(exc)
+        code = 2
     sys.exit(code)
+
+
+def _report_unexpected(exc: Exception) -> None:
+    """One line naming the error (the state DB's own errors named as such); the traceback
+    only with ``BACKUPD_DEBUG=1``."""
+    import os
+    import traceback
+
+    where = "state DB error" if type(exc).__module__.startswith("sqlalchemy") else "internal error"
+    click.echo(f"backupd: {where}: {type(exc).__name__}: {exc}", err=True)
+    if os.environ.get("BACKUPD_DEBUG"):
+        traceback.print_exception(exc)
+    else:
+        click.echo("backupd: run with BACKUPD_DEBUG=1 for the traceback", err=True)

@@ -16,7 +16,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import (
     BaseModel,
@@ -29,6 +29,9 @@ from pydantic import (
 
 from backupd.errors import ConfigError
 from providers.simulated.config import SimulatedProviderConfig
+
+if TYPE_CHECKING:
+    from backupd.repository import Repository
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -79,6 +82,19 @@ class RepositoryConfig(BaseModel):
     block_size: ByteSize = ByteSize(1 << 20)
     #: zstd level, 1 (fast) to 19 (small)
     compression_level: int = Field(default=3, ge=1, le=19)
+
+    def open(self, *, create: bool) -> "Repository":
+        """Open this repository.
+
+        :param create: initialise it if absent (a job writing its first restore point);
+            otherwise an absent repository is a RepositoryError.
+        :raises RepositoryError: not a repository, unreadable, or of a newer format.
+        """
+        from backupd.repository import Repository
+
+        return Repository.open(
+            self.path, create=create, block_size=int(self.block_size), compression_level=self.compression_level
+        )
 
     @field_validator("block_size")
     @classmethod

@@ -42,30 +42,33 @@ CANCELED_BY_USER = "Operation was canceled by user"
 class StopSignal:
     """What a session has been asked to do, as seen by its runner and its VM tasks.
 
-    ``graceful`` is set by either kind of stop (no new VM may start); ``cancel`` only by an
-    immediate stop (VM tasks in flight abandon their work).
+    ``no_new_vms`` is set by either kind of stop; ``cancel`` only by an immediate stop (VM
+    tasks in flight abandon their work). Once immediate, the signal never goes back.
     """
 
     def __init__(self, store: StateStore, session_id: int) -> None:
         self._store = store
         self._session_id = session_id
-        self.graceful = threading.Event()
+        self.no_new_vms = threading.Event()
         self.cancel = threading.Event()
         self.mode: StopMode | None = None
 
     def refresh(self) -> StopMode | None:
-        """Read the stop request from the state DB and raise the events it asks for."""
+        """Read the stop request from the state DB and raise the events it asks for.
+
+        :returns: the stop mode in force, None when no stop was requested.
+        """
         mode = self._store.stop_request(self._session_id)
-        if mode is not None:
+        if mode is not None and self.mode is not StopMode.IMMEDIATE:
             self.mode = mode
-            self.graceful.set()
+            self.no_new_vms.set()
             if mode is StopMode.IMMEDIATE:
                 self.cancel.set()
         return self.mode
 
     @property
     def requested(self) -> bool:
-        return self.graceful.is_set()
+        return self.no_new_vms.is_set()
 
 
 class SessionRunner:
@@ -101,36 +104,27 @@ class SessionRunner:
         except Exception as exc:  # the runner itself broke: the session must still end
             log.exception("session %s failed", session_id)
             self.store.log(session_id, f"session failed: {exc}", level="error")
-            self._end_unfinished_tasks(TaskStatus.FAILED, f"session failed: {exc}")
             result, message = SessionResult.FAILED, f"session failed: {exc}"
         finally:
             self._done.set()
             control.join()
-        self.store.update_session(
-            session_id, state=SessionState.STOPPED, result=result, message=message, ended_at=utcnow()
-        )
+        # VM tasks always finish before _process returns or raises; only VMs never started
+        # can be left, e.g. when the repository could not be opened.
+        self.store.end_session(session_id, result, message, unfinished=TaskStatus.NOT_PROCESSED)
         self.store.log(session_id, f"session ended: {result.value}" + (f" ({message})" if message else ""))
         return result
 
     # -- the work -----------------------------------------------------------------------------
 
     def _process(self) -> tuple[SessionResult, str | None]:
-        from backupd.repository import Repository
         from backupd.vmtask import VmTask
         from providers import open_provider
 
         session_id = self.session.id
         assert session_id is not None
-        repo_config = self.config.repositories[self.job.repository]
-        repository = Repository.open(
-            repo_config.path,
-            create=True,
-            block_size=int(repo_config.block_size),
-            compression_level=repo_config.compression_level,
-        )
+        repository = self.config.repositories[self.job.repository].open(create=True)
         provider = open_provider(self.job.provider, self.config.providers[self.job.provider])
-        if self.stop.refresh() is None:
-            self.store.update_session(session_id, state=SessionState.WORKING)
+        self.store.advance_session(session_id, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
         self.store.log(session_id, f"session started: job {self.session.job}, {len(self.job.vms)} VMs")
 
         slots = threading.Semaphore(self.job.max_parallel_vms)
@@ -181,11 +175,6 @@ class SessionRunner:
             return SessionResult.WARNING, prefix + count.describe()
         return SessionResult.SUCCESS, None
 
-    def _end_unfinished_tasks(self, status: TaskStatus, error: str) -> None:
-        for task in self.store.tasks(self.session.id):  # type: ignore[arg-type]
-            if not task.status.is_final:
-                self.store.update_task(task.id, status=status, error=error, ended_at=utcnow())  # type: ignore[arg-type]
-
     # -- control ------------------------------------------------------------------------------
 
     def _control_loop(self) -> None:
@@ -198,7 +187,8 @@ class SessionRunner:
                 mode = self.stop.refresh()
                 if mode is not seen:
                     if seen is None:
-                        self.store.update_session(session_id, state=SessionState.STOPPING)  # type: ignore[arg-type]
+                        for current in (SessionState.STARTING, SessionState.WORKING):
+                            self.store.advance_session(session_id, from_state=current, to_state=SessionState.STOPPING)  # type: ignore[arg-type]
                     self.store.log(session_id, f"{mode.value} stop requested")  # type: ignore[arg-type, union-attr]
                     seen = mode
                 beat += POLL_SECONDS

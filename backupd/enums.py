@@ -21,10 +21,6 @@ class SessionState(str, Enum):
     #: finished; ``result`` is set
     STOPPED = "stopped"
 
-    @property
-    def is_running(self) -> bool:
-        return self is not SessionState.STOPPED
-
 
 class SessionResult(str, Enum):
     """Outcome of a finished job session."""

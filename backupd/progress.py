@@ -1,13 +1,15 @@
-"""A session run in the foreground (``job start --wait``): live progress and Ctrl-C.
+"""A session run by this process (``job start --wait``, and the detached runner): live
+progress, and Ctrl-C / SIGTERM.
 
-The session runs on a thread of this process; the main thread draws the progress view (per
-VM: status, stage, bytes, rate) from the state DB and turns Ctrl-C into stop requests through
-the same path ``backupd job stop`` uses: the first a graceful stop, the second an immediate one
-(the two-stage shutdown of dramatiq and celery workers).
+The session runs on a thread; the main thread draws the progress view (per VM: status, stage,
+bytes, rate) from the state DB and turns Ctrl-C or SIGTERM into stop requests through the same
+path ``backupd job stop`` uses: the first a graceful stop, the second an immediate one (the
+two-stage shutdown of dramatiq and celery workers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -23,7 +25,11 @@ REFRESH_SECONDS = 0.5
 
 
 def run_in_foreground(service: "Backupd", session_id: int, *, live: bool) -> SessionResult:
-    """Run the session on a thread until it ends; Ctrl-C stops it in two stages.
+    """Run the session on a thread until it ends; Ctrl-C or SIGTERM stop it in two stages.
+
+    The signal handler only counts signals (STYLE: stopping signals, the loop acts); this
+    thread's loop turns them into stop requests in the state DB: the first a graceful stop,
+    the second an immediate one.
 
     :param live: draw the progress view on stderr (a terminal).
     :returns: the session result.
@@ -33,41 +39,62 @@ def run_in_foreground(service: "Backupd", session_id: int, *, live: bool) -> Ses
         target=lambda: outcome.setdefault("result", service.run_session(session_id)),
         name=f"session-{session_id}",
     )
-    interrupts = 0
+    signals: list[int] = []
+    handled = 0
 
-    def on_interrupt(_signum: int, _frame: Any) -> None:
-        nonlocal interrupts
-        interrupts += 1
-        mode = StopMode.GRACEFUL if interrupts == 1 else StopMode.IMMEDIATE
-        service.store.request_stop(session_id, mode, None)
-        import sys
+    def on_signal(signum: int, _frame: Any) -> None:
+        signals.append(signum)
 
-        hint = " (Ctrl-C again for an immediate stop)" if mode is StopMode.GRACEFUL else ""
-        print(f"\n{mode.value} stop requested for session {session_id}{hint}", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         runner.start()
-        if live:
-            _draw_until_done(service, session_id, runner)
-        while runner.is_alive():
-            runner.join(REFRESH_SECONDS)
+        view = _LiveView(service, session_id) if live else None
+        with view if view is not None else contextlib.nullcontext():
+            while runner.is_alive():
+                while handled < len(signals):
+                    handled += 1
+                    _request_stop(service, session_id, StopMode.GRACEFUL if handled == 1 else StopMode.IMMEDIATE)
+                if view is not None:
+                    view.draw()
+                runner.join(REFRESH_SECONDS)
+            if view is not None:
+                view.draw()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return outcome.get("result", SessionResult.FAILED)
 
 
-def _draw_until_done(service: "Backupd", session_id: int, runner: threading.Thread) -> None:
-    from rich.console import Console
-    from rich.live import Live
+def _request_stop(service: "Backupd", session_id: int, mode: StopMode) -> None:
+    import sys
 
-    console = Console(stderr=True)
-    rates = _Rates()
-    with Live(console=console, refresh_per_second=4, transient=False) as view:
-        while runner.is_alive():
-            view.update(_view(service, session_id, rates))
-            runner.join(REFRESH_SECONDS)
-        view.update(_view(service, session_id, rates))
+    in_force = service.store.request_stop(session_id, mode, None)
+    if in_force is not None:
+        hint = " (Ctrl-C again for an immediate stop)" if in_force is StopMode.GRACEFUL else ""
+        print(f"\n{in_force.value} stop requested for session {session_id}{hint}", file=sys.stderr)
+
+
+class _LiveView:
+    """The progress table, redrawn in place on stderr."""
+
+    def __init__(self, service: "Backupd", session_id: int) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self._service = service
+        self._session_id = session_id
+        self._rates = _Rates()
+        self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> "_LiveView":
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.__exit__(*exc)  # type: ignore[arg-type]
+
+    def draw(self) -> None:
+        self._live.update(_view(self._service, self._session_id, self._rates))
 
 
 class _Rates:

@@ -90,6 +90,7 @@ def session_document(session: JobSession, tasks: list[VmTask], log: list[Session
             if session.stop_mode else None
         ),
         duration_seconds=_seconds(session.started_at, session.ended_at),
+        runner={"host": session.owner_host, "pid": session.owner_pid} if session.owner_pid else None,
         vms=[task_document(task) for task in tasks],
     )
     if log is not None:

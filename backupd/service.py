@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backupd.config import MAX_STOP_MESSAGE, Config
-from backupd.enums import SessionResult, SessionState, StopMode
-from backupd.errors import NoRunningSessionError, NotFoundError, UsageError
+from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
+from backupd.errors import NoRunningSessionError, NotFoundError, StateError, UsageError
 from backupd.state import JobSession, StateStore
 
 if TYPE_CHECKING:
@@ -86,20 +86,25 @@ class Backupd:
         Its output goes to ``logs/session-ID.log`` beside the config file.
 
         :returns: the process id of the runner.
+        :raises StateError: the runner could not be started; the session was ended ``failed``.
         """
-        logs = self.config.path.parent / "logs"
-        logs.mkdir(mode=0o700, exist_ok=True)
-        log_path = logs / f"session-{session_id}.log"
-        with open(log_path, "ab", buffering=0) as out:
-            os.chmod(log_path, 0o600)
-            child = subprocess.Popen(
-                [sys.executable, "-m", "backupd", "-c", str(self.config.path), "job", "run-session", str(session_id)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+        log_path = self.config.path.parent / "logs" / f"session-{session_id}.log"
+        try:
+            log_path.parent.mkdir(mode=0o700, exist_ok=True)
+            with open(log_path, "ab", buffering=0) as out:
+                os.chmod(log_path, 0o600)
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "backupd", "-c", str(self.config.path), "job", "run-session", str(session_id)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        except OSError as exc:
+            text = f"could not start the session's runner process ({log_path}): {exc.strerror or exc}"
+            self.store.end_session(session_id, SessionResult.FAILED, text, unfinished=TaskStatus.NOT_PROCESSED)
+            raise StateError(text) from exc
         # Owner recorded at once, so a runner that dies before it starts is seen as dead.
         self.store.update_session(session_id, owner_host=socket.gethostname(), owner_pid=child.pid)
         return child.pid
@@ -119,11 +124,12 @@ class Backupd:
         outcomes = []
         for job in dict.fromkeys(jobs):
             running = self.store.running_sessions(job)
-            if not running:
-                outcomes.append(StopOutcome(job, "no_running_session", None, None))
+            stopped = []
             for session in running:
                 in_force = self.store.request_stop(session.id, mode, message)  # type: ignore[arg-type]
-                outcomes.append(StopOutcome(job, "stop_requested", session.id, in_force))
+                if in_force is not None:  # None: it ended between the query and the request
+                    stopped.append(StopOutcome(job, "stop_requested", session.id, in_force))
+            outcomes.extend(stopped or [StopOutcome(job, "no_running_session", None, None)])
         return outcomes
 
     def wait_stopped(self, session_ids: list[int], *, timeout: float | None = None, poll: float = 0.2) -> None:
@@ -146,34 +152,29 @@ class Backupd:
 
     # -- repositories -----------------------------------------------------------------------
 
-    def repository(self, name: str) -> "Repository":
-        """Open a configured repository (creating it on first use)."""
-        from backupd.repository import Repository
-
-        settings = self.config.repositories[name]
-        return Repository.open(
-            settings.path, create=True, block_size=int(settings.block_size),
-            compression_level=settings.compression_level,
-        )
-
-    def _repository_names(self, job: str | None) -> list[str]:
-        if job is not None:
-            return [self.config.job(job).repository]
-        return sorted(self.config.repositories)
+    def _repositories(self, job: str | None) -> list[tuple[str, "Repository"]]:
+        """The job's repository, or every configured one, that exists: reading never
+        creates a repository (one no session has written to yet holds no restore point)."""
+        names = [self.config.job(job).repository] if job is not None else sorted(self.config.repositories)
+        return [
+            (name, self.config.repositories[name].open(create=False))
+            for name in names
+            if self.config.repositories[name].path.exists()
+        ]
 
     def restore_points(self, *, vm: str | None = None, job: str | None = None) -> list[tuple[str, "PointInfo"]]:
         """``(repository name, point)`` pairs, newest first."""
         found = []
-        for name in self._repository_names(job):
-            found.extend((name, point) for point in self.repository(name).points(vm=vm, job=job))
+        for name, repository in self._repositories(job):
+            found.extend((name, point) for point in repository.points(vm=vm, job=job))
         found.sort(key=lambda pair: (pair[1].created_at, pair[1].id), reverse=True)
         return found
 
     def find_point(self, point_id: str) -> tuple[str, "PointInfo"]:
         """:raises NotFoundError: no configured repository holds that restore point."""
-        for name in self._repository_names(None):
+        for name, repository in self._repositories(None):
             try:
-                return name, self.repository(name).point(point_id)
+                return name, repository.point(point_id)
             except NotFoundError:
                 continue
         raise NotFoundError(f"no restore point {point_id!r} in any configured repository")
@@ -185,16 +186,17 @@ class Backupd:
             "damaged_blocks"}`` summed over the repositories involved.
         :raises NotFoundError: an id is in no repository.
         """
+        repositories = dict(self._repositories(None))
         by_repo: dict[str, list[str] | None] = {}
         if point_ids is None:
-            by_repo = {name: None for name in self._repository_names(None)}
+            by_repo = {name: None for name in repositories}
         else:
             for point_id in point_ids:
                 name, _point = self.find_point(point_id)
                 by_repo.setdefault(name, []).append(point_id)  # type: ignore[union-attr]
         total = {"ok": True, "damaged_points": [], "checked_points": 0, "checked_blocks": 0, "damaged_blocks": 0}
         for name, ids in by_repo.items():
-            repository = self.repository(name)
+            repository = repositories[name]
             result: VerifyResult = repository.verify(ids)
             total["ok"] = total["ok"] and result.ok
             total["damaged_points"].extend(result.damaged_points)  # type: ignore[union-attr]
@@ -219,7 +221,7 @@ class Backupd:
             name, point = self.find_point(point_id)
             if point.vm != vm:
                 raise NotFoundError(f"restore point {point_id!r} belongs to VM {point.vm!r}, not {vm!r}")
-        return point.id, self.repository(name).restore(point.id, to_dir)
+        return point.id, self.config.repositories[name].open(create=False).restore(point.id, to_dir)
 
     # -- providers --------------------------------------------------------------------------
 

@@ -16,12 +16,23 @@ import socket
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import event, update
+from sqlalchemy import Column, Enum, case, event, literal, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.errors import NotFoundError, StateError
+
+
+def _stored_as_value(enum: type, *, nullable: bool) -> Any:
+    """A column storing an enum's lower-case value (``"stopped"``), not its Python name, so
+    the DB reads in the vocabulary's words for anyone querying it directly."""
+    return Field(
+        sa_column=Column(
+            Enum(enum, values_callable=lambda members: [m.value for m in members], native_enum=False, length=16),
+            nullable=nullable,
+        )
+    )
 
 
 def utcnow() -> datetime:
@@ -43,13 +54,13 @@ class JobSession(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     job: str = Field(index=True)
-    state: SessionState = SessionState.STARTING
-    result: SessionResult | None = None
+    state: SessionState = _stored_as_value(SessionState, nullable=False)
+    result: SessionResult | None = _stored_as_value(SessionResult, nullable=True)
     #: why the session ended as it did, e.g. "Operation was canceled by user"
     message: str | None = None
     #: every VM transferred in full, whatever CBT allows (``job start --full``)
     full: bool = False
-    stop_mode: StopMode | None = None
+    stop_mode: StopMode | None = _stored_as_value(StopMode, nullable=True)
     stop_message: str | None = None
     stop_requested_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -71,7 +82,7 @@ class VmTask(SQLModel, table=True):
     #: index in the job's VM list (processing order)
     position: int
     vm: str
-    status: TaskStatus = TaskStatus.PENDING
+    status: TaskStatus = _stored_as_value(TaskStatus, nullable=False)
     #: what the task is doing now: waiting, snapshot, transfer, commit, remove_snapshot, done
     stage: str | None = None
     mode: str | None = None
@@ -185,11 +196,16 @@ class StateStore:
     def create_session(self, job: str, vms: list[str], *, full: bool) -> JobSession:
         """Insert a session in state ``starting`` with one pending VM task per VM, in order."""
         with self._session() as db:
-            row = JobSession(job=job, full=full)
+            # The creating process owns the session until a runner claims it, so a session
+            # whose creator died before any runner started is seen as dead, not running.
+            row = JobSession(
+                job=job, full=full, state=SessionState.STARTING,
+                owner_host=socket.gethostname(), owner_pid=os.getpid(),
+            )
             db.add(row)
             db.flush()
             for position, vm in enumerate(vms):
-                db.add(VmTask(session_id=row.id, position=position, vm=vm))
+                db.add(VmTask(session_id=row.id, position=position, vm=vm, status=TaskStatus.PENDING))
             db.commit()
             return row
 
@@ -236,28 +252,54 @@ class StateStore:
             started_at=utcnow(),
         )
 
-    def request_stop(self, session_id: int, mode: StopMode, message: str | None) -> StopMode:
+    def request_stop(self, session_id: int, mode: StopMode, message: str | None) -> StopMode | None:
         """Write a stop request onto a running session; the runner acts on it.
 
-        A graceful request never weakens an immediate one already made; an immediate request
-        escalates a graceful one. Repeating a request is harmless.
+        One conditional UPDATE, so concurrent requests cannot lose an immediate stop: a
+        graceful request never weakens an immediate one already made; an immediate request
+        escalates a graceful one (and restarts ``stop_requested_at``). Repeating a request is
+        harmless. A session that has already ended is left as it is.
 
-        :returns: the mode now in force.
+        :returns: the mode now in force, or None when the session had already ended.
+        :raises NotFoundError: no session with that id.
+        """
+        column = JobSession.__table__.c.stop_mode  # type: ignore[attr-defined]
+        now = utcnow()
+        if mode is StopMode.IMMEDIATE:
+            new_mode: Any = literal(StopMode.IMMEDIATE, column.type)
+            requested_at = case((column.is_distinct_from(StopMode.IMMEDIATE), now), else_=JobSession.stop_requested_at)
+        else:
+            new_mode = case((column.is_(None), literal(StopMode.GRACEFUL, column.type)), else_=column)
+            requested_at = case((column.is_(None), now), else_=JobSession.stop_requested_at)
+        fields: dict[str, Any] = {"stop_mode": new_mode, "stop_requested_at": requested_at}
+        if message is not None:
+            fields["stop_message"] = message
+        with self._session() as db:
+            applied = db.exec(
+                update(JobSession)  # type: ignore[call-overload]
+                .where(JobSession.id == session_id, JobSession.state != SessionState.STOPPED)
+                .values(**fields)
+            ).rowcount
+            db.commit()
+        if applied:
+            return self.session(session_id).stop_mode
+        self.session(session_id)  # NotFoundError for an unknown id
+        return None
+
+    def advance_session(self, session_id: int, *, from_state: SessionState, to_state: SessionState) -> bool:
+        """Move a session from one state to the next only if it is still in the first (so a
+        runner's ``working`` never overwrites a ``stopping`` written meanwhile).
+
+        :returns: whether the session was moved.
         """
         with self._session() as db:
-            row = db.get(JobSession, session_id)
-            if row is None:
-                raise NotFoundError(f"no session {session_id}")
-            if row.stop_mode is StopMode.IMMEDIATE:
-                mode = StopMode.IMMEDIATE
-            fields: dict[str, Any] = {"stop_mode": mode}
-            if row.stop_requested_at is None or mode is not row.stop_mode:
-                fields["stop_requested_at"] = utcnow()
-            if message is not None:
-                fields["stop_message"] = message
-            db.exec(update(JobSession).where(JobSession.id == session_id).values(**fields))  # type: ignore[call-overload]
+            moved = db.exec(
+                update(JobSession)  # type: ignore[call-overload]
+                .where(JobSession.id == session_id, JobSession.state == from_state)
+                .values(state=to_state)
+            ).rowcount
             db.commit()
-        return mode
+        return bool(moved)
 
     def stop_request(self, session_id: int) -> StopMode | None:
         """The stop mode requested for the session, if any (polled by the runner)."""
@@ -350,17 +392,31 @@ class StateStore:
                 if row.owner_pid is not None and not _pid_alive(row.owner_pid):
                     ended.append(row.id)  # type: ignore[arg-type]
         for session_id in ended:
-            self.update_session(
-                session_id,
-                state=SessionState.STOPPED,
-                result=SessionResult.FAILED,
-                message="the session's runner process ended unexpectedly",
-                ended_at=utcnow(),
+            self.end_session(
+                session_id, SessionResult.FAILED, "the session's runner process ended unexpectedly",
+                unfinished=TaskStatus.FAILED,
             )
-            for task in self.tasks(session_id):
-                if not task.status.is_final:
-                    self.update_task(task.id, status=TaskStatus.FAILED, error="runner process ended", ended_at=utcnow())  # type: ignore[arg-type]
         return ended
+
+    def end_session(
+        self, session_id: int, result: SessionResult, message: str | None, *, unfinished: TaskStatus
+    ) -> None:
+        """Mark a session ``stopped`` with its result, and every VM task not yet final with
+        ``unfinished`` (``not_processed`` for tasks that never started, ``failed`` when the
+        runner broke or died)."""
+        now = utcnow()
+        with self._session() as db:
+            db.exec(
+                update(VmTask)  # type: ignore[call-overload]
+                .where(VmTask.session_id == session_id, VmTask.status.in_([TaskStatus.PENDING, TaskStatus.RUNNING]))  # type: ignore[attr-defined]
+                .values(status=unfinished, ended_at=now, stage=None)
+            )
+            db.exec(
+                update(JobSession)  # type: ignore[call-overload]
+                .where(JobSession.id == session_id)
+                .values(state=SessionState.STOPPED, result=result, message=message, ended_at=now)
+            )
+            db.commit()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -61,7 +61,7 @@ LOCK_POLL_SECONDS = 0.5
 
 
 class _NotStarted(Exception):
-    """A graceful stop came before this VM's snapshot creation began."""
+    """A stop came before this VM's snapshot creation began: the VM ends ``not_processed``."""
 
 
 def blocks_of(extents: list[Extent], block_size: int, capacity: int) -> list[int]:
@@ -181,7 +181,7 @@ class VmTask:
                     f"released within {self.job.vm_lock_timeout_seconds:g} s"
                 )
             if self.stop.requested:
-                raise _NotStarted if not self.stop.cancel.is_set() else SessionCancelled("cancelled")
+                raise _NotStarted
             self.stop.cancel.wait(LOCK_POLL_SECONDS)
 
     def _process(self) -> tuple[str, TransferMode]:
@@ -189,15 +189,15 @@ class VmTask:
         # The last moment a graceful stop keeps this VM from starting: read it from the DB now,
         # not at the next poll, so "stop before the first VM" is exact.
         if self.stop.refresh() is not None:
-            if self.stop.cancel.is_set():
-                raise SessionCancelled("cancelled")
             raise _NotStarted
         self.runner.first_snapshot_begun.set()
         self._update(stage="snapshot")
         snapshot = self._create_snapshot(vm)
-        self._update(snapshot_id=snapshot.id)
-        self._log(f"snapshot {snapshot.id} created" + (" (quiesced)" if snapshot.quiesced else ""))
         try:
+            # Recorded before anything else, and inside the try: whatever fails from here on
+            # (the state DB included), the snapshot is removed.
+            self._update(snapshot_id=snapshot.id)
+            self._log(f"snapshot {snapshot.id} created" + (" (quiesced)" if snapshot.quiesced else ""))
             self._check_cancel()
             point_id, mode = self._transfer(snapshot)
         finally:
@@ -228,17 +228,27 @@ class VmTask:
     def _remove_snapshot(self, snapshot: Snapshot) -> None:
         """Remove the snapshot, retrying transient errors even during an immediate stop (the
         contract: every snapshot the session created is removed)."""
-        self._update(stage="remove_snapshot")
+        self._best_effort(self._update, stage="remove_snapshot")
         try:
-            call_with_retry(lambda: self.provider.remove_snapshot(snapshot), self.job.retry, before_retry=self._note_retry)
+            call_with_retry(
+                lambda: self.provider.remove_snapshot(snapshot), self.job.retry,
+                before_retry=lambda attempt, exc: self._best_effort(self._note_retry, attempt, exc),
+            )
         except ProviderError as exc:
             text = f"snapshot {snapshot.id} could not be removed: {exc}"
             self.warnings.append(text)
-            self._log(text, level="error")
             self._update(snapshot_error=str(exc))
+            self._log(text, level="error")
             return
         self._update(snapshot_removed=True)
         self._log(f"snapshot {snapshot.id} removed")
+
+    def _best_effort(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Progress bookkeeping that must not keep a snapshot from being removed."""
+        try:
+            fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - logged; the removal itself matters more
+            log.exception("VM task %s of session %s: state DB update failed", self.vm_name, self.session_id)
 
     def _transfer(self, snapshot: Snapshot) -> tuple[str, TransferMode]:
         self._update(stage="transfer")

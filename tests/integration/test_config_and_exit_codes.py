@@ -122,3 +122,21 @@ def test_usage_errors_exit_64_not_2_which_means_failed(lab: Lab) -> None:
     ):
         proc = lab.run(*command)
         assert proc.returncode == EXIT_USAGE, proc
+
+
+def test_a_runner_that_cannot_start_exits_2_and_ends_its_session_failed(lab: Lab) -> None:
+    """Given a file where the runner's log folder should be, when a job is started detached,
+    then the command exits 2 (failed, never 1, which scripts read as a warning) naming the
+    problem, and the session it created is ended ``failed`` with its VMs ``not_processed``:
+    nothing is left looking as if it ran, and a stop of the job finds no running session."""
+    lab.configure(vms={"vm-a": "1 MiB"}, jobs={"nightly": {"vms": ["vm-a"]}})
+    (lab.site / "logs").write_text("not a folder")
+
+    proc = lab.run("job", "start", "nightly")
+    assert proc.returncode == 2, proc
+    assert "logs" in proc.stderr and "Traceback" not in proc.stderr
+    (session,) = lab.sessions("nightly")
+    doc = lab.session(session["id"])
+    assert (doc["state"], doc["result"]) == ("stopped", "failed")
+    assert [vm["status"] for vm in doc["vms"]] == ["not_processed"]
+    assert lab.run("job", "stop", "nightly").returncode == 3

@@ -79,3 +79,26 @@ def test_a_vm_held_by_another_session_is_processed_once_released(lab: Lab) -> No
     doc = second_run.finish_json(rc=0, timeout=60)
     assert [(vm["name"], vm["status"]) for vm in doc["vms"]] == [("vm-a", "success"), ("vm-b", "success")]
     assert lab.restore("vm-a")[1] == bytes(lab.disks["vm-a"])
+
+
+def test_an_immediate_stop_leaves_a_vm_still_waiting_for_its_lock_not_processed(lab: Lab) -> None:
+    """Given session 2 waiting for vm-a, which session 1 is processing, when session 2 is
+    stopped immediately, then vm-a, whose snapshot creation never began, ends
+    ``not_processed`` (not ``cancelled``: nothing of it was in flight), session 2 ends
+    ``failed``, and session 1 goes on undisturbed."""
+    _two_jobs_sharing_vm_a(lab, lock_timeout=120)
+    lab.configure(jobs={"first": {"vms": ["vm-a"]}, "second": {"vms": ["vm-a"], "vm_lock_timeout_seconds": 120}})
+    first_run = lab.popen("job", "start", "first", "--wait")
+    first = lab.wait_for_new_session("first")
+    lab.wait_for_vms_in_flight(first, ["vm-a"])
+    second_run = lab.popen("job", "start", "second", "--wait", "--json")
+    second = lab.wait_for_new_session("second")
+    lab.wait_for_session(second, lambda d: d["vms"][0]["status"] == "running", what="vm-a waiting for its lock")
+
+    lab.run_json("job", "stop", "second", "--immediate")
+    doc = second_run.finish_json(rc=EXIT_FAILED, timeout=30)
+    assert [(vm["name"], vm["status"], vm["snapshot"]) for vm in doc["vms"]] == [("vm-a", "not_processed", None)]
+    assert doc["result"] == "failed"
+    assert vms_by_name(lab.session(first))["vm-a"]["status"] == "running", "session 1 is undisturbed"
+    lab.run_json("job", "stop", "first", "--immediate")
+    assert first_run.finish().returncode == EXIT_FAILED

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from backupd.config import RetryConfig
-from backupd.enums import SessionResult, SessionState, StopMode
+from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.retry import call_with_retry
 from backupd.state import StateStore
 from backupd.vmtask import blocks_of
@@ -120,3 +120,54 @@ def test_a_session_whose_runner_died_is_ended_failed(store: StateStore) -> None:
     row = store.session(sid)
     assert (row.state, row.result) == (SessionState.STOPPED, SessionResult.FAILED)
     assert {t.status.value for t in store.tasks(sid)} == {"failed"}
+
+
+def test_a_stop_request_for_an_ended_session_changes_nothing(store: StateStore) -> None:
+    sid = store.create_session("nightly", ["a"], full=False).id
+    store.end_session(sid, SessionResult.SUCCESS, None, unfinished=TaskStatus.NOT_PROCESSED)
+    assert store.request_stop(sid, StopMode.IMMEDIATE, "too late") is None
+    row = store.session(sid)
+    assert (row.stop_mode, row.stop_message) == (None, None)
+
+
+def test_working_never_overwrites_a_stopping_written_meanwhile(store: StateStore) -> None:
+    sid = store.create_session("nightly", ["a"], full=False).id
+    assert store.advance_session(sid, from_state=SessionState.STARTING, to_state=SessionState.STOPPING)
+    assert not store.advance_session(sid, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
+    assert store.session(sid).state is SessionState.STOPPING
+
+
+def test_ending_a_session_marks_only_its_unfinished_tasks(store: StateStore) -> None:
+    sid = store.create_session("nightly", ["a", "b"], full=False).id
+    first = store.tasks(sid)[0]
+    store.update_task(first.id, status=TaskStatus.SUCCESS)
+    store.end_session(sid, SessionResult.WARNING, "stopped", unfinished=TaskStatus.NOT_PROCESSED)
+    assert [t.status for t in store.tasks(sid)] == [TaskStatus.SUCCESS, TaskStatus.NOT_PROCESSED]
+    row = store.session(sid)
+    assert (row.state, row.result, row.message) == (SessionState.STOPPED, SessionResult.WARNING, "stopped")
+
+
+def test_a_session_whose_creator_died_before_any_runner_started_is_ended(tmp_path: Path) -> None:
+    """``job start`` killed between creating the session and starting its runner."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/state.db"
+    code = f"from backupd.state import StateStore; StateStore({url!r}).create_session('nightly', ['a'], full=False)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    store = StateStore(url)
+    (session,) = store.sessions()
+    assert store.end_dead_sessions() == [session.id]
+    assert store.session(session.id).state is SessionState.STOPPED
+    assert store.running_sessions("nightly") == []
+
+
+def test_states_are_stored_in_the_vocabulary_words(store: StateStore) -> None:
+    sid = store.create_session("nightly", ["a"], full=False).id
+    store.request_stop(sid, StopMode.GRACEFUL, None)
+    with store.engine.connect() as connection:
+        from sqlalchemy import text
+
+        row = connection.execute(text("select state, stop_mode from job_session")).one()
+        status = connection.execute(text("select status from vm_task")).scalar_one()
+    assert (tuple(row), status) == (("starting", "graceful"), "pending")
