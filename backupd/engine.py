@@ -23,10 +23,15 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from backupd.config import Config
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
+from backupd.retry import call_with_retry
 from backupd.state import JobSession, StateStore, utcnow
+
+if TYPE_CHECKING:
+    from providers.base import Provider
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +129,7 @@ class SessionRunner:
         assert session_id is not None
         repository = self.config.repositories[self.job.repository].open(create=True)
         provider = open_provider(self.job.provider, self.config.providers[self.job.provider])
+        self._remove_orphaned_snapshots(provider)
         self.store.advance_session(session_id, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
         self.store.log(session_id, f"session started: job {self.session.job}, {len(self.job.vms)} VMs")
 
@@ -148,6 +154,30 @@ class SessionRunner:
         finally:
             provider.close()
         return self._result()
+
+    def _remove_orphaned_snapshots(self, provider: "Provider") -> None:
+        """Remove the snapshots earlier sessions of this job recorded but did not remove (the
+        crash row of the stop contract, for the sessions of this job): a runner killed with
+        SIGKILL, a host crash, a removal that kept failing. A failure is logged and left for
+        the next session; it does not fail this one."""
+        from providers.base import ProviderError
+
+        session_id = self.session.id
+        assert session_id is not None
+        for task in self.store.unremoved_snapshots(self.session.job):
+            try:
+                vm = provider.find_vm(task.vm)
+                snapshot = next((s for s in provider.list_snapshots(vm) if s.id == task.snapshot_id), None)
+                if snapshot is not None:
+                    call_with_retry(lambda: provider.remove_snapshot(snapshot), self.job.retry)
+            except ProviderError as exc:
+                self.store.update_task(task.id, snapshot_error=str(exc))  # type: ignore[arg-type]
+                self.store.log(session_id, f"orphaned snapshot {task.snapshot_id} of session {task.session_id} "
+                               f"could not be removed: {exc}", level="warning", vm=task.vm)
+                continue
+            self.store.update_task(task.id, snapshot_removed=True, snapshot_error=None)  # type: ignore[arg-type]
+            self.store.log(session_id, f"removed orphaned snapshot {task.snapshot_id} left by session "
+                           f"{task.session_id}" + ("" if snapshot else " (it was already gone)"), vm=task.vm)
 
     def _take_slot(self, slots: threading.Semaphore) -> bool:
         """Wait for a free VM slot; False when a stop means no further VM may start."""

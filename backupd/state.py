@@ -314,6 +314,23 @@ class StateStore:
             query = select(VmTask).where(VmTask.session_id == session_id).order_by(VmTask.position)  # type: ignore[arg-type]
             return list(db.exec(query))
 
+    def unremoved_snapshots(self, job: str) -> list[VmTask]:
+        """VM tasks of the job's ended sessions whose snapshot was recorded but not removed
+        (a runner killed mid-session, or a removal that kept failing), oldest first."""
+        with self._session() as db:
+            query = (
+                select(VmTask)
+                .join(JobSession, VmTask.session_id == JobSession.id)  # type: ignore[arg-type]
+                .where(
+                    JobSession.job == job,
+                    JobSession.state == SessionState.STOPPED,
+                    VmTask.snapshot_id.is_not(None),  # type: ignore[union-attr]
+                    VmTask.snapshot_removed == False,  # noqa: E712 - SQL, not Python
+                )
+                .order_by(VmTask.id)  # type: ignore[arg-type]
+            )
+            return list(db.exec(query))
+
     def update_task(self, task_id: int, **fields: Any) -> None:
         with self._session() as db:
             db.exec(update(VmTask).where(VmTask.id == task_id).values(**fields))  # type: ignore[call-overload]

@@ -291,3 +291,25 @@ def test_sigterm_to_a_detached_runner_stops_gracefully_then_immediately(lab: Lab
         ("vm-c", "not_processed"),
     ]
     assert lab.backupd_snapshots() == {}
+
+
+def test_snapshots_left_by_a_killed_runner_are_removed_by_the_next_session(lab: Lab) -> None:
+    """Given a session killed with SIGKILL while two VMs are in flight (no chance to clean
+    up), when the job runs again, then the dead session is ended ``failed``, the new session
+    first removes the snapshots the dead one recorded, and no snapshot of backupd's is left."""
+    _three_full_vms(lab, "32 MiB", read_mib_per_s=1)
+    runner = lab.popen("job", "start", "nightly", "--wait", "--json")
+    dead = lab.wait_for_new_session("nightly")
+    lab.wait_for_vms_in_flight(dead, ["vm-a", "vm-b"])
+    runner.proc.kill()
+    runner.proc.wait(timeout=10)
+    assert lab.backupd_snapshots() == {"vm-a": [f"backupd-nightly-{dead}"], "vm-b": [f"backupd-nightly-{dead}"]}
+
+    lab.configure(read_mib_per_s=0)
+    doc = lab.start_wait("nightly")
+    assert doc["result"] == "success"
+    assert lab.backupd_snapshots() == {}
+    ended = lab.session(dead)
+    assert (ended["state"], ended["result"]) == ("stopped", "failed")
+    assert all(vm["snapshot"]["removed"] for vm in ended["vms"][:2])
+    assert sum("orphaned snapshot" in line["text"] for line in doc["log"]) == 2
