@@ -140,7 +140,7 @@ class SessionRunner:
             with ThreadPoolExecutor(workers, thread_name_prefix=f"session-{session_id}-block") as block_pool, \
                     ThreadPoolExecutor(self.job.max_parallel_vms, thread_name_prefix=f"session-{session_id}-vm") as vm_pool:
                 for row in self.store.tasks(session_id):
-                    if not self._take_slot(slots):
+                    if not self._wait_for_vm_slot(slots):
                         self.store.update_task(row.id, status=TaskStatus.NOT_PROCESSED, stage=None)  # type: ignore[arg-type]
                         continue
                     task = VmTask(self, row, provider, repository, block_pool)
@@ -179,7 +179,7 @@ class SessionRunner:
             self.store.log(session_id, f"removed orphaned snapshot {task.snapshot_id} left by session "
                            f"{task.session_id}" + ("" if snapshot else " (it was already gone)"), vm=task.vm)
 
-    def _take_slot(self, slots: threading.Semaphore) -> bool:
+    def _wait_for_vm_slot(self, slots: threading.Semaphore) -> bool:
         """Wait for a free VM slot; False when a stop means no further VM may start."""
         while True:
             if self.stop.requested or self.stop.refresh() is not None:

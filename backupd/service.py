@@ -132,15 +132,19 @@ class Backupd:
             outcomes.extend(stopped or [StopOutcome(job, "no_running_session", None, None)])
         return outcomes
 
-    def wait_stopped(self, session_ids: list[int], *, timeout: float | None = None, poll: float = 0.2) -> None:
-        """Block until every session is ``stopped`` (or the timeout, in seconds, passes)."""
+    def wait_stopped(self, session_ids: list[int], *, timeout: float | None = None, poll: float = 0.2) -> set[int]:
+        """Block until every session is ``stopped`` or ``timeout`` seconds pass.
+
+        :returns: the ids of the sessions still running (empty when all stopped).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         remaining = set(session_ids)
         while remaining:
             remaining = {sid for sid in remaining if self.store.session(sid).state is not SessionState.STOPPED}
             if not remaining or (deadline is not None and time.monotonic() >= deadline):
-                return
+                break
             time.sleep(poll)
+        return remaining
 
     @staticmethod
     def no_session_error(outcomes: list[StopOutcome]) -> NoRunningSessionError | None:

@@ -136,6 +136,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class StateStore:
     """Access to the state DB; safe to share between threads.
 
+    Every method is one short transaction. Once the DB is open, a failure of the DB itself
+    (disk full, a lock held past SQLite's 30 s busy timeout, a lost server) surfaces as the
+    SQLAlchemy error; the CLI reports it as a state DB error with exit code 2.
+
     :param url: a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``).
     :raises StateError: the database cannot be opened or its tables created.
     """

@@ -317,13 +317,13 @@ class VmTask:
         """
         block_size = self.repository.block_size
         capacity = plan.disk.capacity_bytes
-        room = threading.BoundedSemaphore(IN_FLIGHT_BLOCKS)
+        in_flight = threading.BoundedSemaphore(IN_FLIGHT_BLOCKS)
         errors: list[BaseException] = []
         pending: set[Future[int]] = set()
         guard = threading.Lock()
 
         def stored(future: Future[int]) -> None:
-            room.release()
+            in_flight.release()
             with guard:
                 pending.discard(future)
                 if future.exception() is not None:
@@ -339,7 +339,7 @@ class VmTask:
                 offset = number * block_size
                 length = min(block_size, capacity - offset)
                 data = self._retry(lambda offset=offset, length=length: reader.read(offset, length))
-                while not room.acquire(timeout=0.1):
+                while not in_flight.acquire(timeout=0.1):
                     self._check_cancel()
                 future = self.block_pool.submit(disk_writer.put_block, number, data)
                 with guard:
