@@ -271,9 +271,12 @@ def restore_point_list(ctx: _Context, vm: str | None, job_name: str | None, as_j
 @pass_ctx
 def restore_point_verify(ctx: _Context, point_ids: tuple[str, ...], verify_all: bool, as_json: bool) -> None:
     """Re-read and re-hash every block the restore points reference; report damaged points."""
+    from backupd.progress import progress_bar
+
     if bool(point_ids) == verify_all:
         raise UsageError("give restore point ids or --all (not both)")
-    report = ctx.service.verify(None if verify_all else list(point_ids))
+    with progress_bar("verifying blocks", unit_bytes=False, enabled=not as_json and sys.stderr.isatty()) as progress:
+        report = ctx.service.verify(None if verify_all else list(point_ids), progress=progress)
     if as_json:
         _print_json(report)
     elif report["ok"]:
@@ -294,7 +297,10 @@ def restore_point_verify(ctx: _Context, point_ids: tuple[str, ...], verify_all: 
 @pass_ctx
 def restore(ctx: _Context, vm: str, point_id: str | None, to_dir: Path, as_json: bool) -> None:
     """Write the disks of a restore point of VM as raw images and print their paths."""
-    point, images = ctx.service.restore(vm, to_dir, point_id=point_id)
+    from backupd.progress import progress_bar
+
+    with progress_bar(f"restoring {vm}", unit_bytes=True, enabled=not as_json and sys.stderr.isatty()) as progress:
+        point, images = ctx.service.restore(vm, to_dir, point_id=point_id, progress=progress)
     if as_json:
         _print_json({"point": point, "images": [str(p) for p in images]})
     else:

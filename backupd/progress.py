@@ -13,7 +13,7 @@ import contextlib
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from backupd.enums import SessionResult, StopMode
 
@@ -134,3 +134,27 @@ def _view(service: "Backupd", session_id: int, rates: _Rates) -> Any:
             f"{size(int(rate))}/s" if task.status.value == "running" and rate else "",
         )
     return grid
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, *, unit_bytes: bool, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr for long work (restore, verify), fed by the repository's
+    ``progress(done, total)`` callbacks; yields None (no bar) when not ``enabled`` (not a
+    terminal, or ``--json``).
+
+    :param unit_bytes: the units are bytes (shown as sizes and a rate) rather than blocks.
+    """
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn, TransferSpeedColumn,
+    )
+
+    columns = [BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn()] if unit_bytes \
+        else [BarColumn(), MofNCompleteColumn()]
+    with Progress("{task.description}", *columns, TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

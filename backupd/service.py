@@ -14,12 +14,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from backupd.config import MAX_STOP_MESSAGE, Config
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.errors import NoRunningSessionError, NotFoundError, StateError, UsageError
 from backupd.state import JobSession, StateStore
+
+#: a progress callback: (units done, units in all)
+Progress = Callable[[int, int], None]
 
 if TYPE_CHECKING:
     from backupd.repository import PointInfo, Repository, VerifyResult
@@ -183,8 +186,10 @@ class Backupd:
                 continue
         raise NotFoundError(f"no restore point {point_id!r} in any configured repository")
 
-    def verify(self, point_ids: list[str] | None) -> dict[str, Any]:
+    def verify(self, point_ids: list[str] | None, *, progress: "Progress | None" = None) -> dict[str, Any]:
         """Re-read and re-hash every block of the given points (None: every point).
+
+        :param progress: called as ``progress(blocks checked, blocks to check)`` per repository.
 
         :returns: ``{"ok", "damaged_points", "checked_points", "checked_blocks",
             "damaged_blocks"}`` summed over the repositories involved.
@@ -201,7 +206,7 @@ class Backupd:
         total = {"ok": True, "damaged_points": [], "checked_points": 0, "checked_blocks": 0, "damaged_blocks": 0}
         for name, ids in by_repo.items():
             repository = repositories[name]
-            result: VerifyResult = repository.verify(ids)
+            result: VerifyResult = repository.verify(ids, progress=progress)
             total["ok"] = total["ok"] and result.ok
             total["damaged_points"].extend(result.damaged_points)  # type: ignore[union-attr]
             total["checked_points"] += len(ids) if ids is not None else len(repository.points())  # type: ignore[operator]
@@ -209,10 +214,13 @@ class Backupd:
             total["damaged_blocks"] += result.damaged_blocks  # type: ignore[operator]
         return total
 
-    def restore(self, vm: str, to_dir: Path, *, point_id: str | None = None) -> tuple[str, list[Path]]:
+    def restore(
+        self, vm: str, to_dir: Path, *, point_id: str | None = None, progress: "Progress | None" = None
+    ) -> tuple[str, list[Path]]:
         """Write one raw image per disk of a restore point of ``vm`` into ``to_dir``.
 
         :param point_id: the restore point; by default the VM's newest in any repository.
+        :param progress: called as ``progress(bytes written, bytes of all disks)``.
         :returns: (point id, image paths in disk order).
         :raises NotFoundError: no such point, or no point of that VM.
         """
@@ -225,7 +233,8 @@ class Backupd:
             name, point = self.find_point(point_id)
             if point.vm != vm:
                 raise NotFoundError(f"restore point {point_id!r} belongs to VM {point.vm!r}, not {vm!r}")
-        return point.id, self.config.repositories[name].open(create=False).restore(point.id, to_dir)
+        repository = self.config.repositories[name].open(create=False)
+        return point.id, repository.restore(point.id, to_dir, progress=progress)
 
     # -- providers --------------------------------------------------------------------------
 
