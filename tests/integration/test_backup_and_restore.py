@@ -219,3 +219,31 @@ def test_a_snapshot_that_cannot_be_removed_is_reported_on_the_vm_task(lab: Lab) 
     assert vm["snapshot"]["removed"] is False and vm["snapshot"]["error"]
     assert vm["snapshot"]["id"] in vm["warning"]
     assert lab.backupd_snapshots() == {"vm-a": [f"backupd-nightly-{doc['id']}"]}
+
+
+def test_listings_show_jobs_sessions_points_and_vms_as_scripts_read_them(lab: Lab) -> None:
+    """Given two sessions of a job, when a script lists jobs, sessions, restore points and VMs
+    with ``--json``, then each listing carries the contract's keys: the job with its VMs in
+    order and its last session's result; sessions newest first; restore points with mode and
+    logical and stored bytes; VMs with their disks and no snapshot left."""
+    lab.configure(vms={"vm-b": "4 MiB", "vm-a": "4 MiB"}, jobs={"nightly": {"vms": ["vm-b", "vm-a"]}})
+    lab.fill("vm-a", seed=1)
+    first = lab.start_wait("nightly")
+    second = lab.start_wait("nightly")
+
+    (job,) = lab.run_json("job", "list", "--json")
+    assert (job["name"], job["vms"]) == ("nightly", ["vm-b", "vm-a"])
+    assert (job["last_session"]["id"], job["last_session"]["result"]) == (second["id"], "success")
+
+    sessions = lab.run_json("session", "list", "--json")
+    assert [s["id"] for s in sessions] == [second["id"], first["id"]]
+    assert set(sessions[0]) >= {"id", "job", "state", "result", "started_at"}
+
+    points = lab.run_json("restore-point", "list", "--vm", "vm-a", "--json")
+    assert [(p["session"], p["mode"]) for p in points] == [(second["id"], "incremental"), (first["id"], "full")]
+    assert all(p["logical_bytes"] == 4 * MiB for p in points)
+    assert points[1]["stored_bytes"] > 0 and points[0]["stored_bytes"] == 0, "nothing changed: nothing new stored"
+
+    vms = {vm["name"]: vm for vm in lab.run_json("vm", "list", "--json")}
+    assert sorted(vms) == ["vm-a", "vm-b"]
+    assert vms["vm-a"]["disks"][0]["capacity_bytes"] == 4 * MiB and vms["vm-a"]["snapshots"] == []
