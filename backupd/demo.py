@@ -22,29 +22,39 @@ hypervisor's state, the repository, the state DB and the restore folder are rese
 so every run starts with a full backup. Progress goes to stderr, the summary to stdout; the exit
 status is 0 when every check passes and 1 otherwise.
 
-The image helpers (:func:`build_ext4_image`, :func:`find_tool`, :func:`files_differ_at`) are
-shared with ``bench/run.py``.
+Building and inspecting the disk images is :mod:`backupd.disk_images`, shared with
+``bench/run.py``; this module is the demo's lab, its steps, checks and summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
 import shutil
 import subprocess
 import sys
 import sysconfig
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-MiB = 1 << 20
-
-#: ext4 block size of every image, so ``debugfs`` block numbers convert to bytes the same way
-FS_BLOCK_SIZE = 4096
+from backupd import render
+from backupd.disk_images import (
+    FS_BLOCK_SIZE,
+    MiB,
+    DiskImageError,
+    GeneratedFile,
+    ImageSpec,
+    build_ext4_image,
+    dump_file,
+    e2fsck_clean,
+    file_extents,
+    files_differ_at,
+    find_tool,
+    live_disk,
+    toml_string,
+)
 
 #: the job the demo config defines
 JOB = "demo"
@@ -62,225 +72,9 @@ class DemoError(Exception):
     """A step of the demo could not be carried out; the message says which and why."""
 
 
-class MissingTool(DemoError):
-    """A command-line tool the lab needs is not installed."""
-
-
-def find_tool(name: str, package: str) -> str:
-    """Return the path of the executable ``name``.
-
-    ``/usr/sbin`` and ``/sbin`` are searched too: Debian installs ``mkfs.ext4`` and ``e2fsck``
-    there, and a regular user's ``PATH`` often lacks them.
-
-    :param name: executable name, e.g. ``mkfs.ext4``
-    :param package: the Debian package that provides it, named in the error
-    :raises MissingTool: when it is not found
-    """
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    path = shutil.which(name, path=search)
-    if path is None:
-        raise MissingTool(
-            f"{name} not found: it comes with the Debian package {package} "
-            f"(sudo apt-get install {package})"
-        )
-    return path
-
-
 def progress(message: str) -> None:
     """Print one progress line on stderr."""
     print(f"demo: {message}", file=sys.stderr, flush=True)
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` → ``'1.5 KiB'``: binary units, one decimal."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-# --------------------------------------------------------------------------- disk images
-
-
-@dataclass(frozen=True)
-class GeneratedFile:
-    """A file of seeded pseudo-random bytes placed into an image (e.g. a database file).
-
-    Random bytes do not compress or deduplicate, like the pages of a real database.
-    """
-
-    path: str  #: path inside the image, relative to its root
-    size: int  #: bytes
-    seed: int
-
-    def content(self) -> bytes:
-        """The file's bytes: the same for the same seed and size."""
-        return random.Random(self.seed).randbytes(self.size)
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """The recipe of one ext4 disk image; a built image is reused while its recipe is unchanged.
-
-    ``sources`` pairs a directory of this machine with the folder it becomes inside the image
-    (``""`` for the image root). Files are copied in sorted path order until ``cap_bytes`` of
-    file data are in, so the image fits whatever the size of the tree on this machine.
-    """
-
-    size_bytes: int
-    label: str
-    sources: tuple[tuple[str, str], ...]
-    cap_bytes: int
-    generated: tuple[GeneratedFile, ...] = field(default=())
-
-
-def stage_tree(sources: Sequence[tuple[str, str]], stage: Path, cap_bytes: int) -> int:
-    """Copy directory trees into ``stage``, at most ``cap_bytes`` of file data.
-
-    Symbolic links are copied as links; sockets, devices and unreadable files are skipped.
-
-    :returns: bytes of file data copied
-    """
-    copied = 0
-    for source, inside in sources:
-        root = Path(source)
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            here = Path(dirpath)
-            target_dir = stage / inside / here.relative_to(root)
-            target_dir.mkdir(parents=True, exist_ok=True)
-            for name in sorted(filenames):
-                src = here / name
-                try:
-                    if src.is_symlink():
-                        os.symlink(os.readlink(src), target_dir / name)
-                        continue
-                    if not src.is_file():
-                        continue
-                    size = src.stat().st_size
-                    if copied + size > cap_bytes:
-                        return copied
-                    shutil.copy2(src, target_dir / name)
-                except OSError:
-                    continue
-                copied += size
-    return copied
-
-
-def build_ext4_image(image: Path, spec: ImageSpec) -> bool:
-    """Make ``image`` an ext4 filesystem built by ``mkfs.ext4 -d`` as ``spec`` says.
-
-    An existing image whose recipe (kept next to it as ``IMAGE.spec.json``) equals ``spec`` is
-    reused. A new image is built under a temporary name and renamed when complete, so an
-    interrupted build is never mistaken for a finished one.
-
-    :returns: True if the image was built, False if an existing one was reused
-    :raises MissingTool: ``mkfs.ext4`` is not installed
-    :raises DemoError: ``mkfs.ext4`` failed
-    """
-    recipe = image.with_name(image.name + ".spec.json")
-    wanted = json.dumps(asdict(spec), indent=2, sort_keys=True)
-    if image.exists() and recipe.exists() and recipe.read_text() == wanted:
-        return False
-    mkfs = find_tool("mkfs.ext4", "e2fsprogs")
-    image.parent.mkdir(parents=True, exist_ok=True)
-    stage = image.with_name(f".stage-{image.name}")
-    partial = image.with_name(f".partial-{image.name}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        stage_tree(spec.sources, stage, spec.cap_bytes)
-        for generated in spec.generated:
-            target = stage / generated.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(generated.content())
-        partial.unlink(missing_ok=True)
-        cmd = [mkfs, "-q", "-F", "-b", str(FS_BLOCK_SIZE), "-L", spec.label, "-d", str(stage),
-               str(partial), f"{spec.size_bytes // 1024}k"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise DemoError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
-        partial.rename(image)
-        recipe.write_text(wanted)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        partial.unlink(missing_ok=True)
-    return True
-
-
-@dataclass(frozen=True)
-class Extent:
-    """A run of a file's blocks: file blocks ``logical..`` live at image blocks ``physical..``."""
-
-    logical: int  #: first file block
-    physical: int  #: first image block
-    length: int  #: blocks
-
-
-def file_extents(image: Path, path: str) -> list[Extent]:
-    """The data extents of the file ``path`` inside the ext4 ``image`` (``debugfs -R ex``).
-
-    :raises MissingTool: ``debugfs`` is not installed
-    :raises DemoError: ``debugfs`` failed or the file is not there
-    """
-    debugfs = find_tool("debugfs", "e2fsprogs")
-    done = subprocess.run([debugfs, "-R", f"ex /{path}", str(image)], capture_output=True,
-                          text=True)
-    # e.g. " 0/ 0   1/  1     0 -  4095  2089 -  6184   4096": level/depth, entry/entries,
-    # logical range, physical range, length; only leaf lines (level == depth) map data
-    line = re.compile(r"^\s*(\d+)/\s*(\d+)\s+\d+/\s*\d+\s+(\d+)\s*-\s*\d+\s+(\d+)\s*-\s*\d+\s+(\d+)")
-    extents = []
-    for text in done.stdout.splitlines():
-        match = line.match(text)
-        if match and match[1] == match[2]:
-            extents.append(Extent(int(match[3]), int(match[4]), int(match[5])))
-    if not extents:
-        raise DemoError(f"no extents for /{path} in {image}: {done.stderr.strip()}")
-    return extents
-
-
-def dump_file(image: Path, path: str, out: Path) -> None:
-    """Copy the file ``path`` out of the ext4 ``image`` to ``out`` (``debugfs -R dump``)."""
-    debugfs = find_tool("debugfs", "e2fsprogs")
-    out.unlink(missing_ok=True)
-    done = subprocess.run([debugfs, "-R", f"dump /{path} {out}", str(image)],
-                          capture_output=True, text=True)
-    if not out.exists():
-        raise DemoError(f"debugfs could not dump /{path} from {image}: {done.stderr.strip()}")
-
-
-def e2fsck_clean(image: Path) -> tuple[bool, str]:
-    """Run ``e2fsck -fn`` (forced, read-only) on ``image``.
-
-    :returns: (True if it exits 0, i.e. no errors; its summary line when clean, else its
-              whole output)
-    """
-    e2fsck = find_tool("e2fsck", "e2fsprogs")
-    done = subprocess.run([e2fsck, "-fn", str(image)], capture_output=True, text=True)
-    if done.returncode == 0:
-        return True, done.stdout.strip().splitlines()[-1]
-    return False, f"exit {done.returncode}\n{done.stdout}{done.stderr}".strip()
-
-
-def files_differ_at(a: Path, b: Path, chunk: int = 4 * MiB) -> int | None:
-    """Compare two files in chunks (streaming; memory stays at two chunks).
-
-    :returns: None if they are byte-identical, else the offset of the first difference
-              (the shorter file's length when one is a prefix of the other)
-    """
-    offset = 0
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            ca, cb = fa.read(chunk), fb.read(chunk)
-            if ca != cb:
-                for i, (x, y) in enumerate(zip(ca, cb)):
-                    if x != y:
-                        return offset + i
-                return offset + min(len(ca), len(cb))
-            if not ca:
-                return None
-            offset += len(ca)
 
 
 # --------------------------------------------------------------------------- the lab
@@ -306,11 +100,6 @@ def lab_images() -> dict[str, ImageSpec]:
             generated=(GeneratedFile(DB_FILE, DB_FILE_SIZE, seed=1),),
         ),
     }
-
-
-def toml_string(value: object) -> str:
-    """A TOML basic string holding ``str(value)`` (JSON string escapes are valid TOML)."""
-    return json.dumps(str(value))
 
 
 def write_config(lab: Path, vms: Sequence[str]) -> Path:
@@ -381,23 +170,6 @@ class Cli:
             raise CliError(f"`{shown}` printed no JSON document: {exc}\n{done.stdout[:500]}") from exc
 
 
-def live_disk(config: Path, provider: str, vm: str, disk: int = 0) -> Path:
-    """The live disk file of a simulated VM (what the guest sees; sparse, written in place).
-
-    Read through the provider's own API (:meth:`SimulatedProvider.disk_path`) so the demo does
-    not depend on the layout of its ``state_dir``.
-
-    :param config: the config file naming the provider
-    :param provider: the ``[providers.NAME]`` of a simulated provider
-    :param disk: the disk's index in the VM's config
-    """
-    from backupd.config import load_config
-    from providers.simulated import SimulatedProvider
-
-    section = load_config(config).providers[provider]
-    return SimulatedProvider(provider, section).disk_path(vm, disk)
-
-
 # --------------------------------------------------------------------------- the guest write
 
 
@@ -423,7 +195,7 @@ def plan_db_patch(image: Path, seed: int) -> DbPatch:
         if disk_offset + DB_PATCH_SIZE <= end:
             file_offset = extent.logical * FS_BLOCK_SIZE + (disk_offset - start)
             return DbPatch(disk_offset, file_offset, random.Random(seed).randbytes(DB_PATCH_SIZE))
-    raise DemoError(f"/{DB_FILE} in {image} has no extent of {human_bytes(DB_PATCH_SIZE)}")
+    raise DemoError(f"/{DB_FILE} in {image} has no extent of {render.size(DB_PATCH_SIZE)}")
 
 
 # --------------------------------------------------------------------------- checks and summary
@@ -470,7 +242,7 @@ def summary(sessions: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]]
         for vm in session["vms"]:
             stored = by_id[vm["restore_point"]]["stored_bytes"] if vm["restore_point"] else 0
             rows.append((str(session["id"]), vm["name"], vm["mode"] or "-",
-                         human_bytes(vm["bytes_read"]), human_bytes(stored),
+                         render.size(vm["bytes_read"]), render.size(stored),
                          f"{vm['duration_seconds']:.2f} s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w)
@@ -483,16 +255,16 @@ def summary(sessions: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]]
         read = sum(vm["bytes_read"] for vm in session["vms"])
         seconds = session["duration_seconds"]
         totals = [totals[0] + logical, totals[1] + read, totals[2] + seconds]
-        lines.append(f"session {session['id']}: {human_bytes(logical)} of disks, "
-                     f"{human_bytes(read)} read, in {seconds:.2f} s")
+        lines.append(f"session {session['id']}: {render.size(logical)} of disks, "
+                     f"{render.size(read)} read, in {seconds:.2f} s")
     logical, read, seconds = totals
-    lines.append(f"throughput: {human_bytes(logical / seconds)}/s logical, "
-                 f"{human_bytes(read / seconds)}/s read ({human_bytes(logical)} of disks, "
-                 f"{human_bytes(read)} read in {seconds:.2f} s of sessions)")
+    lines.append(f"throughput: {render.size(round(logical / seconds))}/s logical, "
+                 f"{render.size(round(read / seconds))}/s read ({render.size(logical)} of disks, "
+                 f"{render.size(read)} read in {seconds:.2f} s of sessions)")
     stored = sum(p["stored_bytes"] for p in points)
     lines.append(
-        f"reduction: {len(points)} restore points hold {human_bytes(logical)} of disks in "
-        f"{human_bytes(stored)} stored = {logical / max(stored, 1):.1f}x (zero blocks, "
+        f"reduction: {len(points)} restore points hold {render.size(logical)} of disks in "
+        f"{render.size(stored)} stored = {logical / max(stored, 1):.1f}x (zero blocks, "
         f"deduplication and compression); of the data read {read / max(stored, 1):.1f}x "
         f"(deduplication and compression)"
     )
@@ -506,7 +278,8 @@ def run_demo(lab: Path) -> int:
     """Build the lab under ``lab``, run both sessions, restore, check and print the summary.
 
     :returns: exit status: 0 when every check passed, 1 otherwise
-    :raises DemoError: a step could not be carried out (missing tool, CLI failure)
+    :raises DemoError: a step could not be carried out (CLI failure, no room for the guest write)
+    :raises DiskImageError: a disk image could not be built or read (e.g. a missing tool)
     """
     for tool in ("mkfs.ext4", "e2fsck", "debugfs"):
         find_tool(tool, "e2fsprogs")
@@ -515,7 +288,7 @@ def run_demo(lab: Path) -> int:
     for vm, spec in images.items():
         image = lab / "images" / f"{vm}.img"
         if build_ext4_image(image, spec):
-            progress(f"built {image.relative_to(lab)}: ext4, {human_bytes(spec.size_bytes)}")
+            progress(f"built {image.relative_to(lab)}: ext4, {render.size(spec.size_bytes)}")
         else:
             progress(f"reusing {image.relative_to(lab)}")
     reset_lab(lab)
@@ -531,7 +304,7 @@ def run_demo(lab: Path) -> int:
     patch_file = lab / "work" / "db-patch.bin"
     patch_file.parent.mkdir(parents=True, exist_ok=True)
     patch_file.write_bytes(patch.data)
-    progress(f"guest write: {human_bytes(len(patch.data))} into /{DB_FILE} of {CHANGED_VM} "
+    progress(f"guest write: {render.size(len(patch.data))} into /{DB_FILE} of {CHANGED_VM} "
              f"(disk offset {patch.disk_offset})")
     cli.json("sim", "write", CHANGED_VM, "--file", str(patch_file),
              "--offset", str(patch.disk_offset))
@@ -577,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_demo(args.lab)
-    except DemoError as exc:
+    except (DemoError, DiskImageError) as exc:
         progress(f"error: {exc}")
         return 1
 

@@ -53,13 +53,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from backupd.demo import (
+from backupd import render
+from backupd.disk_images import (
     MiB,
-    DemoError,
+    DiskImageError,
     ImageSpec,
     build_ext4_image,
     find_tool,
-    human_bytes,
     live_disk,
     toml_string,
 )
@@ -369,7 +369,7 @@ def bench_immediate_stop(cli: Backupd) -> dict[str, Any]:
         seen = now
         time.sleep(0.2)
     progress(f"stop-4 session {session_id}: four VMs in flight "
-             f"({', '.join(human_bytes(b) for b in now.values())} read); "
+             f"({', '.join(render.size(b) for b in now.values())} read); "
              f"job stop stop-4 --immediate --wait")
     start = time.perf_counter()
     stop = cli.json("job", "stop", "stop-4", "--immediate", "--wait")
@@ -465,7 +465,7 @@ def report(results: dict[str, Any]) -> str:
     rss = summary["peak_rss_bytes"]
 
     def rate(value: float | None) -> str:
-        return "-" if value is None else f"{human_bytes(value)}/s"
+        return "-" if value is None else f"{render.size(round(value))}/s"
 
     def secs(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f} s"
@@ -497,10 +497,10 @@ def report(results: dict[str, Any]) -> str:
         (f"CLI start-up (backupd --help), median of {startup['runs']}",
          f"{startup['median_ms']:.0f} ms", "", "", "< 300 ms",
          verdict(startup["median_ms"], TARGETS["cli_startup_ms"], False)),
-        ("peak RSS, full backup, 2 GiB disk", human_bytes(rss["backupd_2g_max"]),
-         "-" if rss["restic_2g_max"] is None else human_bytes(rss["restic_2g_max"]), "",
+        ("peak RSS, full backup, 2 GiB disk", render.size(rss["backupd_2g_max"]),
+         render.size(rss["restic_2g_max"]), "",
          "<= 300 MiB", verdict(rss["backupd_2g_max"] / MiB, TARGETS["peak_rss_mib"], False)),
-        ("peak RSS, full backup, 1 GiB disk", human_bytes(small["peak_rss_bytes"]), "", "",
+        ("peak RSS, full backup, 1 GiB disk", render.size(small["peak_rss_bytes"]), "", "",
          "flat", "met" if rss["backupd_2g_max"] <= 1.1 * small["peak_rss_bytes"] + 16 * MiB
          else "MISSED"),
         (f"immediate stop, 4 VMs in flight, median of {len(stops)}",
@@ -526,12 +526,12 @@ def report(results: dict[str, Any]) -> str:
                     f"{s['recorded_seconds']:.2f} s, {s['result']}, "
                     f"{sorted(set(s['statuses'].values()))}, snapshots removed "
                     f"{s['snapshots_removed']})" for s in stops),
-        f"disk: {human_bytes(image['size_bytes'])} ext4 image, {human_bytes(image['used_bytes'])}"
+        f"disk: {render.size(image['size_bytes'])} ext4 image, {render.size(image['used_bytes'])}"
         f" in use ({image['sources']}); page cache warm for both tools",
-        f"round 1: backupd full read {human_bytes(first['full']['bytes_read'])}, stored "
-        f"{human_bytes(first['full']['bytes_stored'])}; incremental read "
-        f"{human_bytes(first['incremental']['bytes_read'])}, stored "
-        f"{human_bytes(first['incremental']['bytes_stored'])}",
+        f"round 1: backupd full read {render.size(first['full']['bytes_read'])}, stored "
+        f"{render.size(first['full']['bytes_stored'])}; incremental read "
+        f"{render.size(first['incremental']['bytes_read'])}, stored "
+        f"{render.size(first['incremental']['bytes_stored'])}",
         f"machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu']}), load average "
         f"{results['machine']['load_before']:.1f} before, {results['load_after']:.1f} after; "
         f"{results['machine']['restic'] or 'restic absent'}",
@@ -565,7 +565,8 @@ def machine() -> dict[str, Any]:
 def run_bench(lab: Path) -> dict[str, Any]:
     """Build the lab, measure every figure, and return them (the content of results.json).
 
-    :raises BenchError, DemoError: a step could not be carried out
+    :raises BenchError: a step could not be carried out
+    :raises DiskImageError: a disk image could not be built or read (e.g. a missing tool)
     """
     lab = lab.resolve()
     lab.mkdir(parents=True, exist_ok=True)
@@ -573,7 +574,7 @@ def run_bench(lab: Path) -> dict[str, Any]:
     for name, spec in IMAGES.items():
         image = lab / "images" / f"{name}.img"
         if build_ext4_image(image, spec):
-            progress(f"built {image.relative_to(lab)}: {human_bytes(spec.size_bytes)} ext4")
+            progress(f"built {image.relative_to(lab)}: {render.size(spec.size_bytes)} ext4")
     reset_lab(lab)
     config = write_config(lab)
     cli = Backupd(config)
@@ -620,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         results = run_bench(args.lab)
-    except (BenchError, DemoError) as exc:
+    except (BenchError, DiskImageError) as exc:
         progress(f"error: {exc}")
         return 1
     (args.lab / "results.json").write_text(json.dumps(results, indent=2) + "\n")
