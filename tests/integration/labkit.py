@@ -179,14 +179,6 @@ class Lab:
 
     def popen(self, *args: Any) -> "Background":
         """Start a CLI command in the background (e.g. ``job start JOB --wait``)."""
-        if not self.state_db.exists():
-            # Several processes opening a fresh state DB at the same moment is covered by
-            # test_state_db.py; the other tests open it once first, so they test what they say.
-            self.run_json("session", "list")
-        return self.popen_raw(*args)
-
-    def popen_raw(self, *args: Any) -> "Background":
-        """:meth:`popen` without opening the state DB first."""
         self._counter += 1
         out = self.scratch / f"bg{self._counter}.out"
         err = self.scratch / f"bg{self._counter}.err"

@@ -22,7 +22,7 @@ def test_commands_started_at_the_same_moment_on_a_fresh_install_all_succeed(lab:
             ("job", "start", "alpha", "--wait", "--json"),
             ("job", "start", "beta", "--wait", "--json"),
         ] + [("session", "list", "--json")] * 4
-        procs = [lab.popen_raw(*command) for command in commands]
+        procs = [lab.popen(*command) for command in commands]
         done = [proc.finish(timeout=60) for proc in procs]
         failures = [(p.args[5:], p.returncode, p.stderr.strip()) for p in done if p.returncode != 0]
         assert failures == [], failures
