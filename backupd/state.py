@@ -11,10 +11,12 @@ truth (see docs/design.md); a VM task records the id of the restore point it com
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 from sqlalchemy import Column, Enum, case, event, literal, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
@@ -126,10 +128,11 @@ class VmLock(SQLModel, table=True):
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Per connection: wait up to 30 s for another writer; WAL makes NORMAL sync durable
+    at each checkpoint and crash-safe at every commit (SQLite's documented WAL behaviour)."""
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
 
@@ -148,24 +151,32 @@ class StateStore:
         self.url = url
         sqlite = url.startswith("sqlite")
         try:
-            if sqlite:
-                self._ensure_sqlite_folder(url)
             self.engine = create_engine(
                 url,
                 connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
             )
             if sqlite:
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            self._create_tables()
+                with self._sqlite_setup_lock(url):
+                    self._set_up(wal=True)
+            else:
+                self._set_up(wal=False)
         except (OperationalError, ProgrammingError) as exc:
             raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.orig}") from exc
 
-    def _create_tables(self, attempts: int = 5) -> None:
-        """Create missing tables. ``create_all`` checks, then creates: two processes opening a
-        new state DB at once (cron starting two jobs) can both see a table missing, and the
-        slower one's CREATE then fails; it tries again and finds the table there."""
+    def _set_up(self, *, wal: bool, attempts: int = 5) -> None:
+        """Switch SQLite to WAL (a setting kept in the file) and create missing tables.
+
+        ``create_all`` checks, then creates: on a server DB two processes opening a new
+        database at once (cron starting two jobs) can both see a table missing, and the
+        slower one's CREATE fails; it tries again and finds the table there. (SQLite is set
+        up under a lock instead, see :meth:`_sqlite_setup_lock`.)
+        """
         for attempt in range(attempts):
             try:
+                with self.engine.begin() as connection:
+                    if wal:
+                        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
                 SQLModel.metadata.create_all(self.engine)
                 return
             except (OperationalError, ProgrammingError) as exc:
@@ -178,16 +189,32 @@ class StateStore:
         return make_url(self.url).render_as_string(hide_password=True)
 
     @staticmethod
-    def _ensure_sqlite_folder(url: str) -> None:
-        """Create the database's folder (0700) and the file itself (0600): sessions, VM names
-        and errors are nobody else's business. SQLite gives its -wal and -shm files the same
-        permissions as the database."""
+    @contextlib.contextmanager
+    def _sqlite_setup_lock(url: str) -> Iterator[None]:
+        """Create the database's folder (0700) and file (0600), and hold an exclusive lock
+        on ``<database>.setup-lock`` while the database is set up.
+
+        Several processes opening a new database at once would otherwise race to switch it
+        to WAL, and SQLite answers that race with an immediate "database is locked", without
+        waiting out the busy timeout. The database file itself is never opened by us once it
+        exists: closing any descriptor of it would drop the POSIX locks SQLite holds on it in
+        this process. SQLite gives its -wal and -shm files the database's permissions.
+        """
         from sqlalchemy.engine import make_url
 
         database = make_url(url).database
-        if database and database != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(database)), mode=0o700, exist_ok=True)
-            os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
+        if not database or database == ":memory:":
+            yield
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(database)), mode=0o700, exist_ok=True)
+        lock = os.open(f"{database}.setup-lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(database):
+                os.close(os.open(database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            yield
+        finally:
+            os.close(lock)  # releases the flock
 
     def close(self) -> None:
         self.engine.dispose()
