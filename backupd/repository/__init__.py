@@ -17,12 +17,13 @@ The on-disk format is described in ``docs/repository-format.md``.
 from __future__ import annotations
 
 from ._maintenance import GcResult, VerifyResult
-from ._manifest import PointDisk, PointInfo
+from ._manifest import DamagedPoint, PointDisk, PointInfo
 from ._repository import Repository
 from ._restore import image_name
 from ._writer import DiskWriter, PointWriter
 
 __all__ = [
+    "DamagedPoint",
     "DiskWriter",
     "GcResult",
     "PointDisk",

@@ -10,11 +10,19 @@ New blocks are first *staged* inside the writer's staging folder and *published*
 into ``blocks/``) only at commit, after the file system was flushed. A block therefore
 appears under its final name only when its bytes are durable, and a crash never leaves a
 truncated block that a later writer would deduplicate against.
+
+A block that any read finds damaged (missing, unreadable, not a zstd frame, not matching its
+name) is *quarantined*: its file is moved to ``quarantine/<64 hex>`` (an empty file there when
+it was missing). From then on no writer deduplicates against it, an incremental transfer whose
+base point references it reads those bytes from the snapshot again, and the first point that
+stores the same bytes again heals every older point that references it (blocks are named by
+content). docs/repository-format.md, "Damage".
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections import deque
@@ -28,6 +36,8 @@ import zstandard
 from backupd.errors import RepositoryCorruptError, RepositoryError
 
 from ._layout import FILE_MODE, make_private_dir, write_all
+
+log = logging.getLogger(__name__)
 
 #: bytes in a block digest (BLAKE3 default output)
 DIGEST_SIZE = 32
@@ -78,13 +88,15 @@ class BlockStore:
     which is what lets several threads compress at once.
 
     :param folder: ``<root>/blocks``.
+    :param quarantine: ``<root>/quarantine``, where damaged blocks are moved.
     :param block_size: bytes per block; a stored frame claiming more is corrupt.
     :param compression_level: zstd level for new blocks (3 is zstd's default: ~0.5 GB/s per
         core with a useful ratio; higher levels trade speed for size).
     """
 
-    def __init__(self, folder: Path, *, block_size: int, compression_level: int) -> None:
+    def __init__(self, folder: Path, *, quarantine: Path, block_size: int, compression_level: int) -> None:
         self.folder = folder
+        self.quarantine_folder = quarantine
         self._prefix = str(folder)
         self._block_size = block_size
         self._level = compression_level
@@ -96,7 +108,7 @@ class BlockStore:
         return f"{self._prefix}/{name[:2]}/{name}"
 
     def contains(self, digest: bytes) -> bool:
-        """Whether a block is stored (one ``stat``)."""
+        """Whether a block is stored (one ``stat``). A quarantined block is not."""
         return os.path.exists(self.path_of(digest))
 
     def stage(self, staging: Path, digest: bytes, data: bytes | bytearray) -> int:
@@ -155,18 +167,31 @@ class BlockStore:
         return True
 
     def read(self, digest: bytes) -> bytes:
-        """Read, decompress and check one block.
+        """Read, decompress and check one block; a damaged block is quarantined.
 
         :returns: the block's uncompressed bytes (at most ``block_size``).
-        :raises RepositoryCorruptError: the block is missing, unreadable (``EIO``), not a
-            valid zstd frame, larger than a block, or does not hash to ``digest``.
+        :raises RepositoryCorruptError: the block is missing (or quarantined earlier),
+            unreadable (``EIO``), not a valid zstd frame, larger than a block, or does not
+            hash to ``digest``; it is in quarantine afterwards.
         :raises RepositoryError: any other I/O failure (e.g. permissions).
         """
+        try:
+            return self._read_checked(digest)
+        except RepositoryCorruptError as exc:
+            self.quarantine(digest, str(exc))
+            raise
+
+    def _read_checked(self, digest: bytes) -> bytes:
         path = self.path_of(digest)
         try:
             with open(path, "rb") as file:
                 frame = file.read()
         except FileNotFoundError:
+            if self.is_quarantined(digest):
+                raise RepositoryCorruptError(
+                    f"block {digest.hex()} is quarantined (found damaged or missing earlier); the next "
+                    f"backup that reads the same bytes stores it again"
+                ) from None
             raise RepositoryCorruptError(f"block {digest.hex()} is missing ({path})") from None
         except OSError as exc:
             if exc.errno == errno.EIO:
@@ -181,6 +206,44 @@ class BlockStore:
         if block_digest(data) != digest:
             raise RepositoryCorruptError(f"block {digest.hex()} does not match its hash")
         return data
+
+    def quarantine(self, digest: bytes, reason: str) -> None:
+        """Take a damaged block out of use: move its file to ``quarantine/<hex>`` (kept for
+        inspection), or leave an empty file there when it is missing. Idempotent, and
+        best effort: a failure is logged, since the caller is already reporting the damage.
+
+        Afterwards :meth:`contains` is False for it, so the next writer that reads the same
+        bytes stores them again under the same name.
+        """
+        name = digest.hex()
+        target = self.quarantine_folder / name
+        try:
+            make_private_dir(self.quarantine_folder)  # absent in repositories made before it
+            try:
+                os.rename(self.path_of(digest), target)
+            except FileNotFoundError:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+        except OSError as exc:
+            log.error("cannot quarantine damaged block %s: %s", name, exc)
+            return
+        log.warning("quarantined block %s: %s", name, reason)
+
+    def is_quarantined(self, digest: bytes) -> bool:
+        """Whether the block was found damaged or missing and not stored again since."""
+        return os.path.exists(self.quarantine_folder / digest.hex()) and not self.contains(digest)
+
+    def quarantined(self) -> Iterator[tuple[bytes, str]]:
+        """Every quarantine entry as ``(digest, path)``, healed or not."""
+        try:
+            names = os.listdir(self.quarantine_folder)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if len(name) == _HEX_NAME_LENGTH:
+                try:
+                    yield bytes.fromhex(name), str(self.quarantine_folder / name)
+                except ValueError:
+                    continue
 
     def scan(self) -> Iterator[tuple[bytes, str, int]]:
         """Every stored block as ``(digest, path, size in bytes)``; other files are skipped.

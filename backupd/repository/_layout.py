@@ -9,6 +9,8 @@
       blocks/<aa>/<digest>         one zstd-compressed block, named by its BLAKE3 digest (hex)
       points/<vm-key>/<id>.manifest  one restore point: JSON header line + binary block maps
       staging/<id>/                an unfinished restore point: owner file, staged blocks, tmp
+      quarantine/<digest>          a block found damaged or missing: its damaged bytes (or
+                                   nothing), moved out of ``blocks/`` so no point reuses it
 
 Every name under the root is built here from validated parts: VM names go through
 :func:`vm_key`, point ids must match :data:`POINT_ID_RE`, digests are hex. Nothing a VM is
@@ -199,6 +201,7 @@ class Layout:
         self.blocks = root / "blocks"
         self.points = root / "points"
         self.staging = root / "staging"
+        self.quarantine = root / "quarantine"
 
     def initialise(self, block_size: int) -> None:
         """Create the repository at :attr:`root` (absent or an empty folder).
@@ -217,12 +220,12 @@ class Layout:
         try:
             self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             # what a concurrent or an interrupted initialise leaves
-            ours = {"blocks", "points", "staging", "lock", "repository.json"}
+            ours = {"blocks", "points", "staging", "quarantine", "lock", "repository.json"}
             entries = {e for e in os.listdir(self.root) if not e.startswith(".repository.json.")}
             if entries - ours:
                 raise RepositoryError(f"{self.root}: exists, is not empty and is not a backupd repository")
             os.chmod(self.root, DIR_MODE)
-            for folder in (self.blocks, self.points, self.staging):
+            for folder in (self.blocks, self.points, self.staging, self.quarantine):
                 make_private_dir(folder)
             os.close(os.open(self.lock_file, os.O_RDONLY | os.O_CREAT, FILE_MODE))
             config = {

@@ -15,13 +15,14 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from backupd.errors import NotFoundError, RepositoryCorruptError, RepositoryError
 
 from ._blocks import DIGEST_SIZE, ZERO_DIGEST, BlockStore, block_workers, map_blocks
 from ._layout import FILE_MODE, Layout, fsync_dir
 from ._locking import discard_dead_staging, lock_shared, try_lock_exclusive
-from ._manifest import PointInfo, iter_map_digests, read_manifest
+from ._manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,17 @@ class GcResult:
     :ivar deferred: True when writers (or a restore, or a verify) held the repository, so
         nothing was collected; the next :meth:`Repository.apply_retention` or
         :meth:`Repository.collect_garbage` tries again.
+    :ivar damaged_points: ids of restore points whose manifest is damaged; while there is
+        one, nothing is deleted (a damaged manifest may reference any block) until it is
+        deleted with :meth:`Repository.delete_points`.
+    :ivar healed_blocks: quarantined copies removed because the block was stored again.
     """
 
     removed_blocks: int
     freed_bytes: int
     deferred: bool
+    damaged_points: tuple[str, ...] = ()
+    healed_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,22 +69,22 @@ class VerifyResult:
     problems: tuple[str, ...]
 
 
-def delete_points(layout: Layout, doomed: Iterable[PointInfo]) -> list[str]:
+def delete_manifests(layout: Layout, doomed: Iterable[tuple[str, Path]]) -> list[str]:
     """Delete the manifests of restore points and note that garbage may now exist.
 
+    :param doomed: ``(point id, manifest path)`` pairs.
     :returns: the ids deleted (a point deleted meanwhile by someone else counts too).
     :raises RepositoryError: a manifest cannot be deleted.
     """
     removed = []
-    for info in doomed:
-        path = layout.manifest_path(info.vm, info.id)
+    for point_id, path in doomed:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise RepositoryError(f"{path}: cannot delete restore point: {exc.strerror or exc}") from exc
-        removed.append(info.id)
+        removed.append(point_id)
         fsync_dir(path.parent)
     if removed:
         _mark_gc_pending(layout)
@@ -96,18 +103,19 @@ def _mark_gc_pending(layout: Layout) -> None:
         raise RepositoryError(f"{layout.gc_pending_file}: cannot write: {exc.strerror or exc}") from exc
 
 
-def collect_garbage(layout: Layout, store: BlockStore) -> GcResult:
-    """Delete every block that no manifest references.
+def collect_garbage(layout: Layout, store: BlockStore, block_size: int) -> GcResult:
+    """Delete every block that no manifest references, and quarantined copies of blocks
+    that were stored again.
 
     Runs only with the repository lock exclusive, taken without waiting: while any writer is
     open it may have deduplicated against a block no manifest references yet, so the
     collection is deferred instead (``deferred=True``, remembered in ``gc-pending``).
-    Manifests are read without trusting their checksum, so a damaged manifest still keeps
-    the blocks it lists. Memory: about 100 bytes per distinct referenced block (a set of
-    digests), i.e. ~100 MB per TiB of distinct data at 1 MiB blocks.
+    Every manifest is read in full and checked against its checksum. If one is damaged it
+    may reference any block, so nothing is deleted (``damaged_points`` names them and
+    ``gc-pending`` stays) until those points are deleted. Memory: about 100 bytes per
+    distinct referenced block (a set of digests), i.e. ~100 MB per TiB of distinct data at
+    1 MiB blocks.
 
-    :raises RepositoryCorruptError: a manifest has no header line, so what it references is
-        unknown and nothing is deleted; verify, then remove or restore that manifest.
     :raises RepositoryError: the repository cannot be read or a block cannot be deleted.
     """
     lock = try_lock_exclusive(layout.lock_file)
@@ -119,23 +127,38 @@ def collect_garbage(layout: Layout, store: BlockStore) -> GcResult:
         layout.gc_pending_file.unlink(missing_ok=True)
         discard_dead_staging(layout.staging)
         referenced: set[bytes] = set()
-        for _point_id, path in layout.manifests():
+        damaged: list[str] = []
+        for point_id, path in layout.manifests():
             try:
-                referenced.update(iter_map_digests(path))
+                _info, maps = read_manifest(path, block_size)
             except NotFoundError:
                 continue  # deleted by retention meanwhile
+            except RepositoryCorruptError as exc:
+                log.warning("garbage collection deletes nothing while restore point %s is damaged: %s", point_id, exc)
+                damaged.append(point_id)
+                continue
+            for block_map in maps:
+                referenced.update(_entries(block_map))
+        if damaged:
+            _mark_gc_pending(layout)
+            return GcResult(0, 0, deferred=False, damaged_points=tuple(sorted(damaged, reverse=True)))
         removed = freed = 0
         for digest, path, size in store.scan():
             if digest not in referenced:
                 os.unlink(path)
                 removed += 1
                 freed += size
+        healed = 0
+        for digest, path in store.quarantined():
+            if store.contains(digest) or digest not in referenced:
+                os.unlink(path)
+                healed += store.contains(digest)
     except OSError as exc:
         raise RepositoryError(f"{layout.root}: garbage collection failed: {exc}") from exc
     finally:
         lock.release()
     log.info("garbage collection removed %d blocks, %d bytes", removed, freed)
-    return GcResult(removed_blocks=removed, freed_bytes=freed, deferred=False)
+    return GcResult(removed_blocks=removed, freed_bytes=freed, deferred=False, healed_blocks=healed)
 
 
 def verify(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +36,6 @@ MANIFEST_FORMAT = "backupd-point"
 MANIFEST_VERSION = 1
 #: the header line is a few hundred bytes per disk; anything longer is not a manifest
 _MAX_HEADER = 1 << 20
-_READ_CHUNK = DIGEST_SIZE << 15  # 1 MiB of map entries
 
 
 @dataclass(frozen=True)
@@ -83,6 +82,24 @@ class PointInfo:
     logical_bytes: int
     stored_bytes: int
     bytes_read: int
+
+
+@dataclass(frozen=True)
+class DamagedPoint:
+    """A restore point whose manifest cannot be trusted: it is listed as damaged, never
+    used as the base of an incremental transfer, and stops garbage collection until it is
+    deleted (it may reference any block).
+
+    :ivar id: the point id, from the manifest's file name.
+    :ivar vm_key: the folder of the VM it belongs to (``points/<vm_key>/``).
+    :ivar problem: what is wrong, for people.
+    :ivar info: the header, when it is readable (e.g. block maps truncated or changed).
+    """
+
+    id: str
+    vm_key: str
+    problem: str
+    info: PointInfo | None = None
 
 
 def blocks_in(capacity_bytes: int, block_size: int) -> int:
@@ -138,15 +155,39 @@ def write_manifest(
 
 
 def read_header(path: Path) -> PointInfo:
-    """Read a manifest's header line only (cheap for any disk size; not checksummed).
+    """Read a manifest's header line only (cheap for any disk size; not checksummed), and
+    check that the file is as long as the header says (a truncated manifest is caught here;
+    a changed byte in the block maps only by :func:`read_manifest`'s checksum).
 
     :raises NotFoundError: the manifest does not exist (any more).
-    :raises RepositoryCorruptError: the header is not a valid manifest header.
+    :raises RepositoryCorruptError: the header is not a valid manifest header, or the block
+        maps are not the size it gives.
     :raises RepositoryError: the file cannot be read.
     """
     with _open(path) as file:
         line = file.readline(_MAX_HEADER)
-    return _parse_header(path, line)[1]
+        header, info = _parse_header(path, line)
+        _check_map_size(path, header, os.fstat(file.fileno()).st_size - len(line))
+    return info
+
+
+def peek_header(path: Path) -> PointInfo | None:
+    """The header of a manifest if its first line parses, whatever the rest holds (for
+    describing a damaged point); None otherwise."""
+    try:
+        with _open(path) as file:
+            return _parse_header(path, file.readline(_MAX_HEADER))[1]
+    except (NotFoundError, RepositoryError):
+        return None
+
+
+def _check_map_size(path: Path, header: dict, map_bytes: int) -> None:
+    expected = sum(disk["blocks"] for disk in header["disks"]) * DIGEST_SIZE
+    if map_bytes != expected:
+        raise RepositoryCorruptError(
+            f"{path}: block maps are {map_bytes} bytes, the header says {expected} (truncated or "
+            f"damaged restore point {header.get('id')})"
+        )
 
 
 def read_manifest(path: Path, block_size: int) -> tuple[PointInfo, list[bytes]]:
@@ -161,9 +202,7 @@ def read_manifest(path: Path, block_size: int) -> tuple[PointInfo, list[bytes]]:
     with _open(path) as file:
         line = file.readline(_MAX_HEADER)
         header, info = _parse_header(path, line)
-        map_bytes = os.fstat(file.fileno()).st_size - len(line)
-        if map_bytes != sum(disk["blocks"] for disk in header["disks"]) * DIGEST_SIZE:
-            raise RepositoryCorruptError(f"{path}: block maps are not the size the header says")
+        _check_map_size(path, header, os.fstat(file.fileno()).st_size - len(line))
         claimed = header.pop("checksum", None)
         hasher = blake3.blake3(_canonical(header) + b"\n")
         maps = []
@@ -178,24 +217,6 @@ def read_manifest(path: Path, block_size: int) -> tuple[PointInfo, list[bytes]]:
     ):
         raise RepositoryCorruptError(f"{path}: block maps do not fit block size {block_size}")
     return info, maps
-
-
-def iter_map_digests(path: Path) -> Iterator[bytes]:
-    """Every 32-byte entry after the header line, without trusting the header or checksum.
-
-    Garbage collection uses this: a damaged manifest must still protect the blocks it
-    probably references, so it errs on the side of keeping.
-
-    :raises NotFoundError: the manifest does not exist (any more).
-    :raises RepositoryCorruptError: there is no header line to skip.
-    :raises RepositoryError: the file cannot be read.
-    """
-    with _open(path) as file:
-        if not file.readline(_MAX_HEADER).endswith(b"\n"):
-            raise RepositoryCorruptError(f"{path}: no manifest header line")
-        while chunk := file.read(_READ_CHUNK):
-            for start in range(0, len(chunk) - DIGEST_SIZE + 1, DIGEST_SIZE):
-                yield chunk[start : start + DIGEST_SIZE]
 
 
 def _open(path: Path):  # noqa: ANN202 (a binary file object)

@@ -13,7 +13,7 @@ from ._blocks import BlockStore
 from ._layout import Layout
 from ._locking import discard_dead_staging
 from ._maintenance import GcResult, VerifyResult
-from ._manifest import PointInfo, read_header
+from ._manifest import DamagedPoint, PointInfo, peek_header, read_header, read_manifest
 from ._restore import restore
 from ._writer import PointWriter
 
@@ -35,7 +35,9 @@ class Repository:
         self._layout = layout
         self.path = layout.root
         self.block_size = block_size
-        self._store = BlockStore(layout.blocks, block_size=block_size, compression_level=compression_level)
+        self._store = BlockStore(
+            layout.blocks, quarantine=layout.quarantine, block_size=block_size, compression_level=compression_level
+        )
 
     def __repr__(self) -> str:
         return f"Repository({str(self.path)!r}, block_size={self.block_size})"
@@ -90,41 +92,93 @@ class Repository:
         )
 
     def points(self, *, vm: str | None = None, job: str | None = None) -> list[PointInfo]:
-        """Restore points, newest first, optionally only of one VM and/or one job.
+        """Restore points that look sound, newest first, optionally only of one VM and/or
+        one job (damaged ones: :meth:`damaged_points`).
 
-        Reads one header line per manifest, never the block maps, so it stays cheap for
-        any disk size. A manifest whose header is unreadable is skipped with a warning
-        (``verify`` reports it as damaged).
+        Reads one header line and the size of each manifest, never the block maps, so it
+        stays cheap for any disk size.
 
         :raises RepositoryError: the points folder cannot be listed.
         """
-        found = []
+        return self._scan(vm, job)[0]
+
+    def damaged_points(self, *, vm: str | None = None, job: str | None = None) -> list[DamagedPoint]:
+        """Restore points whose manifest is unreadable, not a manifest, or truncated, newest
+        first (as cheap as :meth:`points`; a changed byte inside the block maps is found by
+        :meth:`verify`). With ``job``, points whose header is unreadable are included, since
+        their job is unknown.
+
+        :raises RepositoryError: the points folder cannot be listed.
+        """
+        return self._scan(vm, job)[1]
+
+    def _scan(self, vm: str | None, job: str | None) -> tuple[list[PointInfo], list[DamagedPoint]]:
+        found: list[PointInfo] = []
+        damaged: list[DamagedPoint] = []
         for point_id, manifest in self._layout.manifests(vm):
             try:
                 info = read_header(manifest)
             except NotFoundError:
                 continue  # deleted by retention while listing
             except RepositoryCorruptError as exc:
-                log.warning("skipping restore point %s: %s", point_id, exc)
+                damaged.append(DamagedPoint(point_id, manifest.parent.name, str(exc), peek_header(manifest)))
                 continue
             if (vm is None or info.vm == vm) and (job is None or info.job == job):
                 found.append(info)
+        damaged = [d for d in damaged if d.info is None or (
+            (vm is None or d.info.vm == vm) and (job is None or d.info.job == job))]
         found.sort(key=lambda info: (info.created_at, info.id), reverse=True)
-        return found
+        damaged.sort(key=lambda d: d.id, reverse=True)
+        return found, damaged
 
     def point(self, point_id: str) -> PointInfo:
         """One restore point's header.
 
         :raises NotFoundError: no such point.
-        :raises RepositoryCorruptError: its header is unreadable.
+        :raises RepositoryCorruptError: its header is unreadable or its manifest truncated.
         """
         return read_header(self._layout.find_manifest(point_id))
 
-    def latest_point(self, *, vm: str, job: str) -> PointInfo | None:
-        """The newest restore point of a VM made by a job (the base of the next incremental
-        transfer), or None."""
-        points = self.points(vm=vm, job=job)
-        return points[0] if points else None
+    def holds(self, point_id: str) -> bool:
+        """Whether this repository has a restore point of that id, sound or damaged."""
+        try:
+            self._layout.find_manifest(point_id)
+        except NotFoundError:
+            return False
+        return True
+
+    def base_point(self, *, vm: str, job: str) -> tuple[PointInfo | None, list[DamagedPoint]]:
+        """The newest restore point of a VM made by a job whose manifest is whole (read in
+        full, checksum checked): the base of the next incremental transfer.
+
+        :returns: that point (None: no sound point, a full transfer is needed) and the
+            damaged points of the VM and job newer than it, which were passed over.
+        :raises RepositoryError: the repository cannot be read.
+        """
+        sound, damaged = self._scan(vm, job)
+        passed_over = list(damaged)
+        for info in sound:
+            try:
+                read_manifest(self._layout.manifest_path(info.vm, info.id), self.block_size)
+            except NotFoundError:
+                continue
+            except RepositoryCorruptError as exc:
+                passed_over.append(DamagedPoint(info.id, self._layout.vm_dir(vm).name, str(exc), info))
+                continue
+            return info, sorted((d for d in passed_over if d.id > info.id), key=lambda d: d.id, reverse=True)
+        return None, sorted(passed_over, key=lambda d: d.id, reverse=True)
+
+    def delete_points(self, point_ids: list[str]) -> list[str]:
+        """Delete restore points (sound or damaged) by id, then collect garbage.
+
+        :returns: the ids deleted, in the order given.
+        :raises NotFoundError: an id is not in this repository (nothing is deleted).
+        :raises RepositoryError: a manifest cannot be deleted.
+        """
+        paths = [self._layout.find_manifest(point_id) for point_id in point_ids]
+        removed = _maintenance.delete_manifests(self._layout, list(zip(point_ids, paths)))
+        self.collect_garbage()
+        return removed
 
     def apply_retention(self, *, vm: str, job: str, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` restore points of one VM made by one job.
@@ -141,7 +195,10 @@ class Repository:
         """
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        removed = _maintenance.delete_points(self._layout, self.points(vm=vm, job=job)[keep:])
+        doomed = self.points(vm=vm, job=job)[keep:]
+        removed = _maintenance.delete_manifests(
+            self._layout, [(info.id, self._layout.manifest_path(info.vm, info.id)) for info in doomed]
+        )
         if _maintenance.gc_pending(self._layout):
             self.collect_garbage()
         return removed
@@ -150,11 +207,11 @@ class Repository:
         """Delete blocks no restore point references, unless writers are busy.
 
         :returns: blocks removed, bytes freed, or ``deferred=True`` when a writer, restore
-            or verify holds the repository (nothing is deleted then).
-        :raises RepositoryCorruptError: a manifest is unreadable, so nothing is deleted.
+            or verify holds the repository, or ``damaged_points`` when a damaged manifest
+            (which may reference any block) keeps everything (nothing is deleted then).
         :raises RepositoryError: the repository cannot be read or changed.
         """
-        return _maintenance.collect_garbage(self._layout, self._store)
+        return _maintenance.collect_garbage(self._layout, self._store, self.block_size)
 
     def verify(
         self, point_ids: list[str] | None = None, *, progress: Callable[[int, int], None] | None = None

@@ -106,6 +106,11 @@ class PointWriter:
         (an incremental transfer then puts only the changed blocks and the point is still
         complete), or all zero without a base (blocks never put restore as zeros).
 
+        An inherited entry is trusted only if its block is stored: entries whose block is
+        missing or quarantined are listed in :attr:`DiskWriter.missing`, and :meth:`commit`
+        refuses the point until each of them has been put again (the caller reads those
+        blocks from the snapshot), so no new point ever rests on a block known to be bad.
+
         :param key: device key, unique within this point.
         :param label: human name of the disk.
         :param capacity_bytes: disk size in bytes (>= 0); the map has
@@ -124,11 +129,30 @@ class PointWriter:
         self._require_open()
         blocks = blocks_in(capacity_bytes, self._block_size)
         block_map = bytearray(blocks * DIGEST_SIZE)
+        missing: set[int] = set()
         if base_point is not None:
             block_map[:] = self._base_map(base_point, key, capacity_bytes)
-        disk = DiskWriter(self, PointDisk(key, label, capacity_bytes, change_id), block_map)
+            missing = self._unstored_entries(block_map)
+        disk = DiskWriter(self, PointDisk(key, label, capacity_bytes, change_id), block_map, missing)
         self._disks.append(disk)
         return disk
+
+    def _unstored_entries(self, block_map: bytearray) -> set[int]:
+        """Indexes of non-zero entries whose block is not in the store (one ``stat`` per
+        distinct block)."""
+        stored: dict[bytes, bool] = {}
+        missing = set()
+        view = bytes(block_map)
+        for index in range(len(view) // DIGEST_SIZE):
+            digest = view[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+            if digest == ZERO_DIGEST:
+                continue
+            present = stored.get(digest)
+            if present is None:
+                present = stored[digest] = self._store.contains(digest)
+            if not present:
+                missing.add(index)
+        return missing
 
     def _base_map(self, base_point: str, key: int, capacity_bytes: int) -> bytes:
         try:
@@ -159,12 +183,19 @@ class PointWriter:
 
         :returns: the new point's header.
         :raises RepositoryError: the writer is not open, ``put_block`` calls are still
-            running, or the commit failed (the writer is then aborted).
+            running, an inherited block listed in :attr:`DiskWriter.missing` was not put
+            again (the writer stays open), or the commit failed (the writer is then aborted).
         """
         with self._guard:
             self._require_open()
             if self._in_flight:
                 raise RepositoryError(f"restore point {self.id}: commit while put_block calls are running")
+            for disk in self._disks:
+                if disk.missing:
+                    raise RepositoryError(
+                        f"restore point {self.id}: disk {disk.disk.key}: {len(disk.missing)} block(s) "
+                        f"inherited from the base point are damaged or missing and were not stored again"
+                    )
             self._state = _State.COMMITTING
         try:
             stored_bytes = self._publish_blocks()
@@ -260,12 +291,15 @@ class DiskWriter:
 
     :ivar disk: what the manifest will say about the disk.
     :ivar block_map: ``blocks * 32`` bytes, entry ``i`` the digest of block ``i``.
+    :ivar missing: block indexes inherited from the base point whose block is missing or
+        quarantined; each must be put before commit. Shrinks as they are put.
     """
 
-    def __init__(self, point: PointWriter, disk: PointDisk, block_map: bytearray) -> None:
+    def __init__(self, point: PointWriter, disk: PointDisk, block_map: bytearray, missing: set[int]) -> None:
         self._point = point
         self.disk = disk
         self.block_map = block_map
+        self.missing = missing
         block_size = point._block_size
         self._block_size = block_size
         self._blocks = blocks_in(disk.capacity_bytes, block_size)
@@ -308,6 +342,7 @@ class DiskWriter:
                 if not self._store.contains(digest):
                     written = self._store.stage(self._staging, digest, data)
             self.block_map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest
+            self.missing.discard(index)
         finally:
             self._point._leave_put(len(data))
         return written

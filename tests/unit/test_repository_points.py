@@ -265,8 +265,8 @@ def test_points_filter_by_vm_and_job_newest_first(tmp_path):
     assert [p.id for p in repo.points(vm="a")] == [a3.id, a2.id, a1.id]
     assert [p.id for p in repo.points(job="nightly")] == [a3.id, b1.id, a1.id]
     assert [p.id for p in repo.points(vm="a", job="nightly")] == [a3.id, a1.id]
-    assert repo.latest_point(vm="a", job="nightly") == a3
-    assert repo.latest_point(vm="c", job="nightly") is None
+    assert repo.base_point(vm="a", job="nightly") == (a3, [])
+    assert repo.base_point(vm="c", job="nightly") == (None, [])
     assert repo.points(vm="nobody") == []
 
 
