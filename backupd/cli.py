@@ -11,6 +11,8 @@ that need them, so ``backupd --help`` starts fast.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -167,6 +169,7 @@ def job_stop(ctx: _Context, jobs: tuple[str, ...], mode: str, message: str | Non
     stopped = [o.session for o in outcomes if o.session is not None]
     if wait:
         service.wait_stopped(stopped)  # type: ignore[arg-type]
+        outcomes = service.settle_stops(outcomes)
     if as_json:
         _print_json({"stops": [
             {"job": o.job, "session": o.session, "outcome": o.outcome, "mode": o.mode.value if o.mode else None}
@@ -174,7 +177,7 @@ def job_stop(ctx: _Context, jobs: tuple[str, ...], mode: str, message: str | Non
         ]})
     else:
         for o in outcomes:
-            if o.session is not None:
+            if o.outcome == "stop_requested":
                 click.echo(f"job {o.job}: {o.mode.value} stop requested for session {o.session}"  # type: ignore[union-attr]
                            + (" (ended)" if wait else ""))
     error = service.no_session_error(outcomes)
@@ -243,7 +246,7 @@ def session_show(ctx: _Context, session_id: int, as_json: bool) -> None:
 
 @cli.group("restore-point")
 def restore_point() -> None:
-    """Restore points: list, verify."""
+    """Restore points: list, verify, delete."""
 
 
 @restore_point.command("list")
@@ -252,16 +255,37 @@ def restore_point() -> None:
 @json_option
 @pass_ctx
 def restore_point_list(ctx: _Context, vm: str | None, job_name: str | None, as_json: bool) -> None:
-    """Restore points, newest first, with mode and logical and stored bytes."""
-    from backupd.render import point_document, size, table
+    """Restore points, newest first, with mode and logical and stored bytes; damaged ones
+    (manifest unreadable or truncated) are listed too, marked DAMAGED."""
+    from backupd.render import damaged_point_document, point_document, size, table
 
-    rows = [point_document(repo, point) for repo, point in ctx.service.restore_points(vm=vm, job=job_name)]
+    service = ctx.service
+    rows = [point_document(repo, point) for repo, point in service.restore_points(vm=vm, job=job_name)]
+    rows += [damaged_point_document(repo, point) for repo, point in service.damaged_points(vm=vm, job=job_name)]
+    rows.sort(key=lambda row: row["id"], reverse=True)
     if as_json:
         _print_json(rows)
         return
     click.echo(table(["ID", "VM", "JOB", "SESSION", "MODE", "LOGICAL", "STORED", "CREATED"],
-                     ([r["id"], r["vm"], r["job"], r["session"], r["mode"], size(r["logical_bytes"]),
-                       size(r["stored_bytes"]), r["created_at"]] for r in rows)))
+                     ([r["id"], r["vm"], r["job"], r["session"], "DAMAGED" if r["damaged"] else r["mode"],
+                       size(r["logical_bytes"]), size(r["stored_bytes"]), r["created_at"]] for r in rows)))
+    for r in rows:
+        if r["damaged"]:
+            click.echo(f"DAMAGED {r['id']}: {r['problem']}", err=True)
+
+
+@restore_point.command("delete")
+@click.argument("point_ids", metavar="ID...", nargs=-1, required=True)
+@json_option
+@pass_ctx
+def restore_point_delete(ctx: _Context, point_ids: tuple[str, ...], as_json: bool) -> None:
+    """Delete restore points (damaged ones included), then free the blocks nothing else uses."""
+    deleted = ctx.service.delete_points(list(point_ids))
+    if as_json:
+        _print_json({"deleted": deleted})
+    else:
+        for point_id in deleted:
+            click.echo(f"deleted restore point {point_id}")
 
 
 @restore_point.command("verify")
@@ -437,10 +461,30 @@ def sim_cbt_reset(ctx: _Context, vm: str, provider_name: str | None, as_json: bo
 # -- entry point --------------------------------------------------------------------------------
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log records as ``backupd: message``; tracebacks only with ``BACKUPD_DEBUG=1``, so an
+    administrator sees what went wrong once, in words."""
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]  # noqa: N802 (logging's name)
+        return super().formatException(ei) if os.environ.get("BACKUPD_DEBUG") else ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).rstrip("\n")
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("backupd: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the CLI and exit with the code the outcome maps to."""
     from providers.base import ProviderError, VmNotFound
 
+    _configure_logging()
     code = 0
     try:
         cli.main(args=argv, prog_name="backupd", standalone_mode=False)
@@ -472,7 +516,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
 def _report_unexpected(exc: Exception) -> None:
     """One line naming the error (the state DB's own errors named as such); the traceback
     only with ``BACKUPD_DEBUG=1``."""
-    import os
     import traceback
 
     where = "state DB error" if type(exc).__module__.startswith("sqlalchemy") else "internal error"

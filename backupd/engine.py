@@ -23,15 +23,16 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from backupd.config import Config
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
-from backupd.retry import call_with_retry
+from backupd.errors import RepositoryError, StateError
+from backupd.recovery import remove_orphaned_snapshots
 from backupd.state import JobSession, StateStore, utcnow
 
 if TYPE_CHECKING:
-    from providers.base import Provider
+    from backupd.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class StopSignal:
         """Read the stop request from the state DB and raise the events it asks for.
 
         :returns: the stop mode in force, None when no stop was requested.
+        :raises StateError: the state DB cannot be read.
         """
         mode = self._store.stop_request(self._session_id)
         if mode is not None and self.mode is not StopMode.IMMEDIATE:
@@ -70,6 +72,11 @@ class StopSignal:
             if mode is StopMode.IMMEDIATE:
                 self.cancel.set()
         return self.mode
+
+    def lose_state(self) -> None:
+        """Cancel everything, as an immediate stop would, without a request in the DB."""
+        self.no_new_vms.set()
+        self.cancel.set()
 
     @property
     def requested(self) -> bool:
@@ -93,35 +100,93 @@ class SessionRunner:
         #: set as soon as a VM task begins creating its snapshot
         self.first_snapshot_begun = threading.Event()
         self._done = threading.Event()
+        #: the state DB failure that ended the session, if one did
+        self.state_lost: StateError | None = None
+        self._state_lock = threading.Lock()
 
     def run(self) -> SessionResult:
         """Process the session to its end; never raises for a VM's failure.
 
         :returns: the session result, also written to the state DB.
+        :raises StateError: the state DB could not be written: the session was stopped at
+            once (VMs in flight cancelled, their snapshots removed) and is recorded
+            ``failed`` by recovery once the state DB is writable again.
         """
         session_id = self.session.id
         assert session_id is not None
-        self.store.claim_session(session_id)
+        try:
+            self.store.claim_session(session_id)
+        except StateError as exc:
+            self.lose_state(exc)
+            raise self._state_lost_error() from exc
         control = threading.Thread(target=self._control_loop, name=f"session-{session_id}-control", daemon=True)
         control.start()
+        outcome: Callable[[], tuple[SessionResult, str | None]] = self._result
         try:
-            result, message = self._process()
+            self._process()
+        except StateError as exc:
+            self.lose_state(exc)
         except Exception as exc:  # the runner itself broke: the session must still end
-            log.exception("session %s failed", session_id)
-            self.store.log(session_id, f"session failed: {exc}", level="error")
-            result, message = SessionResult.FAILED, f"session failed: {exc}"
+            log.error("session %s failed: %s", session_id, exc, exc_info=_debug())
+            self._log_quietly(f"session failed: {exc}", level="error")
+            failure = (SessionResult.FAILED, f"session failed: {exc}")
+            outcome = lambda: failure  # noqa: E731
         finally:
             self._done.set()
             control.join()
-        # VM tasks always finish before _process returns or raises; only VMs never started
-        # can be left, e.g. when the repository could not be opened.
-        self.store.end_session(session_id, result, message, unfinished=TaskStatus.NOT_PROCESSED)
+        result = SessionResult.FAILED
+        if self.state_lost is None:
+            try:
+                result = self._end(outcome)
+            except StateError as exc:
+                self.lose_state(exc)
+        if self.state_lost is not None:
+            raise self._state_lost_error() from self.state_lost
+        return result
+
+    def _end(self, outcome: Callable[[], tuple[SessionResult, str | None]]) -> SessionResult:
+        """Record the session's end. A stop request that lands while the result is worked
+        out is never lost: the end is written only if the stop mode is still the one the
+        result was computed with, else it is computed again."""
+        session_id = self.session.id
+        assert session_id is not None
+        while True:
+            seen = self.stop.refresh()
+            result, message = outcome()
+            # VM tasks always finish before _process returns or raises; only VMs never
+            # started can be left, e.g. when the repository could not be opened.
+            if self.store.end_session(session_id, result, message, unfinished=TaskStatus.NOT_PROCESSED,
+                                      if_stop_mode=seen):
+                break
         self.store.log(session_id, f"session ended: {result.value}" + (f" ({message})" if message else ""))
         return result
 
+    def lose_state(self, exc: StateError) -> None:
+        """The state DB cannot be written: stop the session at once (VM tasks cancel between
+        blocks and remove their snapshots, which needs no state DB). Called from any thread;
+        the first failure is kept and reported once."""
+        with self._state_lock:
+            if self.state_lost is not None:
+                return
+            self.state_lost = exc
+        self.stop.lose_state()
+        log.error("session %s: %s; stopping the session now and removing its snapshots", self.session.id, exc)
+
+    def _state_lost_error(self) -> StateError:
+        return StateError(
+            f"session {self.session.id} stopped: {self.state_lost}. Its snapshots were removed; it is "
+            f"recorded failed when the state DB can be written again (any backupd command does it)"
+        )
+
+    def _log_quietly(self, text: str, *, level: str) -> None:
+        try:
+            self.store.log(self.session.id, text, level=level)  # type: ignore[arg-type]
+        except StateError as exc:
+            self.lose_state(exc)
+
     # -- the work -----------------------------------------------------------------------------
 
-    def _process(self) -> tuple[SessionResult, str | None]:
+    def _process(self) -> None:
         from backupd.vmtask import VmTask
         from providers import open_provider
 
@@ -129,7 +194,10 @@ class SessionRunner:
         assert session_id is not None
         repository = self.config.repositories[self.job.repository].open(create=True)
         provider = open_provider(self.job.provider, self.config.providers[self.job.provider])
-        self._remove_orphaned_snapshots(provider)
+        remove_orphaned_snapshots(
+            self.store, provider, self.session.job, self.job,
+            lambda text, level, vm: self.store.log(session_id, text, level=level, vm=vm),
+        )
         self.store.advance_session(session_id, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
         self.store.log(session_id, f"session started: job {self.session.job}, {len(self.job.vms)} VMs")
 
@@ -149,35 +217,28 @@ class SessionRunner:
                     futures.append(future)
                 for future in futures:
                     future.result()
-            if self.stop.mode is None:
-                repository.collect_garbage()
+            if self.stop.mode is None and self.state_lost is None:
+                self._collect_garbage(repository)
         finally:
             provider.close()
-        return self._result()
 
-    def _remove_orphaned_snapshots(self, provider: "Provider") -> None:
-        """Remove the snapshots earlier sessions of this job recorded but did not remove (the
-        crash row of the stop contract, for the sessions of this job): a runner killed with
-        SIGKILL, a host crash, a removal that kept failing. A failure is logged and left for
-        the next session; it does not fail this one."""
-        from providers.base import ProviderError
-
-        session_id = self.session.id
-        assert session_id is not None
-        for task in self.store.unremoved_snapshots(self.session.job):
-            try:
-                vm = provider.find_vm(task.vm)
-                snapshot = next((s for s in provider.list_snapshots(vm) if s.id == task.snapshot_id), None)
-                if snapshot is not None:
-                    call_with_retry(lambda: provider.remove_snapshot(snapshot), self.job.retry)
-            except ProviderError as exc:
-                self.store.update_task(task.id, snapshot_error=str(exc))  # type: ignore[arg-type]
-                self.store.log(session_id, f"orphaned snapshot {task.snapshot_id} of session {task.session_id} "
-                               f"could not be removed: {exc}", level="warning", vm=task.vm)
-                continue
-            self.store.update_task(task.id, snapshot_removed=True, snapshot_error=None)  # type: ignore[arg-type]
-            self.store.log(session_id, f"removed orphaned snapshot {task.snapshot_id} left by session "
-                           f"{task.session_id}" + ("" if snapshot else " (it was already gone)"), vm=task.vm)
+    def _collect_garbage(self, repository: "Repository") -> None:
+        """Free blocks no restore point references; a problem is a warning in the session
+        log, never the session's failure (its restore points are committed)."""
+        try:
+            gc = repository.collect_garbage()
+        except RepositoryError as exc:
+            self.store.log(self.session.id, f"garbage collection failed: {exc}", level="warning")  # type: ignore[arg-type]
+            return
+        if gc.damaged_points:
+            ids = " ".join(gc.damaged_points)
+            self.store.log(
+                self.session.id,  # type: ignore[arg-type]
+                f"garbage collection deleted nothing: restore point(s) {ids} have a damaged manifest, "
+                f"which may reference any block; check with `backupd restore-point verify {ids}` and delete "
+                f"them with `backupd restore-point delete {ids}`",
+                level="warning",
+            )
 
     def _wait_for_vm_slot(self, slots: threading.Semaphore) -> bool:
         """Wait for a free VM slot; False when a stop means no further VM may start."""
@@ -191,28 +252,38 @@ class SessionRunner:
                 return False
 
     def _result(self) -> tuple[SessionResult, str | None]:
+        """The session result from its VM tasks and the stop in force.
+
+        A stop that changed nothing (it came when every VM had already finished, so none
+        was cancelled or left unprocessed) does not make the result: the VMs do, and the
+        message says the stop came too late.
+        """
         tasks = self.store.tasks(self.session.id)  # type: ignore[arg-type]
         statuses = [task.status for task in tasks]
         count = _Counter(statuses)
-        if self.stop.mode is StopMode.IMMEDIATE:
+        took_effect = bool(count[TaskStatus.CANCELLED] or count[TaskStatus.NOT_PROCESSED])
+        if self.stop.mode is StopMode.IMMEDIATE and took_effect:
             return SessionResult.FAILED, f"stopped immediately by user: {count.describe()}"
         if self.stop.mode is StopMode.GRACEFUL and not self.first_snapshot_begun.is_set():
             return SessionResult.FAILED, CANCELED_BY_USER
+        late = f"{self.stop.mode.value} stop came after every VM had finished; nothing was stopped" \
+            if self.stop.mode is not None and not took_effect else None
         if count[TaskStatus.FAILED] or count[TaskStatus.CANCELLED]:
-            return SessionResult.FAILED, count.describe()
+            return SessionResult.FAILED, _join(count.describe(), late)
         if count[TaskStatus.WARNING] or count[TaskStatus.NOT_PROCESSED]:
-            prefix = "stopped gracefully by user: " if self.stop.mode else ""
-            return SessionResult.WARNING, prefix + count.describe()
-        return SessionResult.SUCCESS, None
+            prefix = "stopped gracefully by user: " if took_effect else ""
+            return SessionResult.WARNING, _join(prefix + count.describe(), late)
+        return SessionResult.SUCCESS, late
 
     # -- control ------------------------------------------------------------------------------
 
     def _control_loop(self) -> None:
-        """Poll for stop requests and beat the heartbeat until the session is done."""
+        """Poll for stop requests and beat the heartbeat until the session is done. A state
+        DB failure stops the session (:meth:`lose_state`) and ends the loop."""
         session_id = self.session.id
         beat = 0.0
         seen: StopMode | None = None
-        while not self._done.wait(POLL_SECONDS):
+        while not self._done.wait(POLL_SECONDS) and self.state_lost is None:
             try:
                 mode = self.stop.refresh()
                 if mode is not seen:
@@ -225,8 +296,17 @@ class SessionRunner:
                 if beat >= HEARTBEAT_SECONDS:
                     beat = 0.0
                     self.store.update_session(session_id, heartbeat_at=utcnow())  # type: ignore[arg-type]
-            except Exception:  # a busy DB must not kill the control loop
-                log.exception("control loop of session %s", session_id)
+            except StateError as exc:
+                self.lose_state(exc)
+
+
+def _join(*parts: str | None) -> str | None:
+    return "; ".join(part for part in parts if part) or None
+
+
+def _debug() -> bool:
+    """Tracebacks in logs only when asked for (``BACKUPD_DEBUG=1``)."""
+    return bool(os.environ.get("BACKUPD_DEBUG"))
 
 
 class _Counter(dict):

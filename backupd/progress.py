@@ -34,11 +34,15 @@ def run_in_foreground(service: "Backupd", session_id: int, *, live: bool) -> Ses
     :param live: draw the progress view on stderr (a terminal).
     :returns: the session result.
     """
-    outcome: dict[str, SessionResult] = {}
-    runner = threading.Thread(
-        target=lambda: outcome.setdefault("result", service.run_session(session_id)),
-        name=f"session-{session_id}",
-    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = service.run_session(session_id)
+        except BaseException as exc:  # handed to the main thread, which reports it once
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, name=f"session-{session_id}")
     signals: list[int] = []
     handled = 0
 
@@ -62,13 +66,15 @@ def run_in_foreground(service: "Backupd", session_id: int, *, live: bool) -> Ses
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if "error" in outcome:
+        raise outcome["error"]
     return outcome.get("result", SessionResult.FAILED)
 
 
 def _request_stop(service: "Backupd", session_id: int, mode: StopMode) -> None:
     import sys
 
-    in_force = service.store.request_stop(session_id, mode, None)
+    outcome, in_force = service.store.request_stop(session_id, mode, None)
     if in_force is not None:
         hint = " (Ctrl-C again for an immediate stop)" if in_force is StopMode.GRACEFUL else ""
         print(f"\n{in_force.value} stop requested for session {session_id}{hint}", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from backupd.state import JobSession, SessionLog, VmTask, as_utc
 
 if TYPE_CHECKING:
-    from backupd.repository import PointInfo
+    from backupd.repository import DamagedPoint, PointInfo
 
 
 def dumps(document: Any) -> str:
@@ -117,7 +117,23 @@ def point_document(repository: str, point: "PointInfo") -> dict[str, Any]:
             {"key": d.key, "label": d.label, "capacity_bytes": d.capacity_bytes, "change_id": d.change_id}
             for d in point.disks
         ],
+        "damaged": False,
+        "problem": None,
     }
+
+
+def damaged_point_document(repository: str, damaged: "DamagedPoint") -> dict[str, Any]:
+    """A damaged restore point in ``restore-point list --json``: what its header still says
+    (nulls where it is unreadable), ``damaged: true`` and the ``problem``."""
+    if damaged.info is not None:
+        document = point_document(repository, damaged.info)
+    else:
+        document = {
+            "id": damaged.id, "vm": None, "job": None, "session": None, "mode": None, "logical_bytes": None,
+            "stored_bytes": None, "bytes_read": None, "created_at": None, "repository": repository, "disks": [],
+        }
+    document.update(damaged=True, problem=damaged.problem)
+    return document
 
 
 def size(count: int | None) -> str:

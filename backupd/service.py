@@ -25,7 +25,7 @@ from backupd.state import JobSession, StateStore
 Progress = Callable[[int, int], None]
 
 if TYPE_CHECKING:
-    from backupd.repository import PointInfo, Repository, VerifyResult
+    from backupd.repository import DamagedPoint, PointInfo, Repository, VerifyResult
     from providers.base import Provider
     from providers.simulated import SimulatedProvider
 
@@ -34,8 +34,10 @@ if TYPE_CHECKING:
 class StopOutcome:
     """What a stop request did for one job.
 
-    :ivar outcome: ``stop_requested`` or ``no_running_session``.
-    :ivar session: the session the request was written to, if any.
+    :ivar outcome: ``stop_requested``; ``too_late`` when the session's VMs had all finished
+        (the stop would change nothing; with ``--wait`` also when it changed nothing by the
+        time the session ended); or ``no_running_session``.
+    :ivar session: the session the request was written to (or found too late), if any.
     :ivar mode: the stop mode now in force on that session.
     """
 
@@ -57,10 +59,14 @@ class Backupd:
 
     @property
     def store(self) -> StateStore:
-        """The state DB, opened on first use (ending sessions whose runner died)."""
+        """The state DB, opened on first use; sessions whose runner is gone are recovered
+        then (:func:`backupd.recovery.recover_dead_sessions`)."""
         if self._store is None:
             self._store = StateStore(self.config.state.connect_url())
-            self._store.end_dead_sessions()
+            if self._store.dead_sessions():
+                from backupd.recovery import recover_dead_sessions
+
+                recover_dead_sessions(self.config, self._store)
         return self._store
 
     def close(self) -> None:
@@ -126,14 +132,25 @@ class Backupd:
             self.config.job(job)
         outcomes = []
         for job in dict.fromkeys(jobs):
-            running = self.store.running_sessions(job)
-            stopped = []
-            for session in running:
-                in_force = self.store.request_stop(session.id, mode, message)  # type: ignore[arg-type]
-                if in_force is not None:  # None: it ended between the query and the request
-                    stopped.append(StopOutcome(job, "stop_requested", session.id, in_force))
-            outcomes.extend(stopped or [StopOutcome(job, "no_running_session", None, None)])
+            found = []
+            for session in self.store.running_sessions(job):
+                outcome, in_force = self.store.request_stop(session.id, mode, message)  # type: ignore[arg-type]
+                if outcome != "ended":  # it ended between the query and the request
+                    found.append(StopOutcome(job, outcome, session.id, in_force))
+            outcomes.extend(found or [StopOutcome(job, "no_running_session", None, None)])
         return outcomes
+
+    def settle_stops(self, outcomes: list[StopOutcome]) -> list[StopOutcome]:
+        """After the stopped sessions ended: a stop that changed nothing (no VM was cancelled
+        or left unprocessed, because every VM had finished first) becomes ``too_late``."""
+        settled = []
+        for outcome in outcomes:
+            if outcome.outcome == "stop_requested" and outcome.session is not None:
+                statuses = {task.status for task in self.store.tasks(outcome.session)}
+                if not statuses & {TaskStatus.CANCELLED, TaskStatus.NOT_PROCESSED}:
+                    outcome = StopOutcome(outcome.job, "too_late", outcome.session, outcome.mode)
+            settled.append(outcome)
+        return settled
 
     def wait_stopped(self, session_ids: list[int], *, timeout: float | None = None, poll: float = 0.2) -> set[int]:
         """Block until every session is ``stopped`` or ``timeout`` seconds pass.
@@ -151,11 +168,16 @@ class Backupd:
 
     @staticmethod
     def no_session_error(outcomes: list[StopOutcome]) -> NoRunningSessionError | None:
-        """The error to exit with when some jobs had no running session, naming them."""
+        """The error to exit with when some jobs had nothing to stop, naming them: no running
+        session, or one whose VMs had all finished (too late)."""
         idle = [o.job for o in outcomes if o.outcome == "no_running_session"]
-        if not idle:
-            return None
-        return NoRunningSessionError("no running session for job " + ", ".join(repr(j) for j in idle))
+        late = [f"{o.job!r} (session {o.session})" for o in outcomes if o.outcome == "too_late"]
+        parts = []
+        if idle:
+            parts.append("no running session for job " + ", ".join(repr(j) for j in idle))
+        if late:
+            parts.append("too late to stop job " + ", ".join(late) + ": every VM had already finished")
+        return NoRunningSessionError("; ".join(parts)) if parts else None
 
     # -- repositories -----------------------------------------------------------------------
 
@@ -176,6 +198,38 @@ class Backupd:
             found.extend((name, point) for point in repository.points(vm=vm, job=job))
         found.sort(key=lambda pair: (pair[1].created_at, pair[1].id), reverse=True)
         return found
+
+    def damaged_points(self, *, vm: str | None = None, job: str | None = None) -> list[tuple[str, "DamagedPoint"]]:
+        """``(repository name, damaged point)`` pairs, newest first: restore points whose
+        manifest is unreadable or truncated."""
+        found = []
+        for name, repository in self._repositories(job):
+            found.extend((name, point) for point in repository.damaged_points(vm=vm, job=job))
+        found.sort(key=lambda pair: pair[1].id, reverse=True)
+        return found
+
+    def repository_of(self, point_id: str) -> str:
+        """The name of the configured repository holding a restore point, sound or damaged.
+
+        :raises NotFoundError: no configured repository holds it.
+        """
+        for name, repository in self._repositories(None):
+            if repository.holds(point_id):
+                return name
+        raise NotFoundError(f"no restore point {point_id!r} in any configured repository")
+
+    def delete_points(self, point_ids: list[str]) -> list[str]:
+        """Delete restore points (sound or damaged) by id, then collect garbage.
+
+        :raises NotFoundError: an id is in no repository (nothing is deleted).
+        """
+        by_repo: dict[str, list[str]] = {}
+        for point_id in point_ids:
+            by_repo.setdefault(self.repository_of(point_id), []).append(point_id)
+        deleted = []
+        for name, ids in by_repo.items():
+            deleted.extend(self.config.repositories[name].open(create=False).delete_points(ids))
+        return deleted
 
     def find_point(self, point_id: str) -> tuple[str, "PointInfo"]:
         """:raises NotFoundError: no configured repository holds that restore point."""
@@ -201,8 +255,7 @@ class Backupd:
             by_repo = {name: None for name in repositories}
         else:
             for point_id in point_ids:
-                name, _point = self.find_point(point_id)
-                by_repo.setdefault(name, []).append(point_id)  # type: ignore[union-attr]
+                by_repo.setdefault(self.repository_of(point_id), []).append(point_id)  # type: ignore[union-attr]
         total = {"ok": True, "damaged_points": [], "checked_points": 0, "checked_blocks": 0, "damaged_blocks": 0}
         for name, ids in by_repo.items():
             repository = repositories[name]

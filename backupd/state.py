@@ -15,11 +15,11 @@ import contextlib
 import fcntl
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 from sqlalchemy import Column, Enum, case, event, literal, update
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
@@ -35,6 +35,13 @@ def _stored_as_value(enum: type, *, nullable: bool) -> Any:
             nullable=nullable,
         )
     )
+
+
+#: seconds without a heartbeat after which a session's runner counts as gone, whatever its
+#: process looks like (runners write one every 5 s)
+STALE_HEARTBEAT_SECONDS = 60.0
+#: the default of :meth:`StateStore.end_session`'s ``if_stop_mode``: end whatever the stop mode
+ANY_STOP_MODE = object()
 
 
 def utcnow() -> datetime:
@@ -140,8 +147,8 @@ class StateStore:
     """Access to the state DB; safe to share between threads.
 
     Every method is one short transaction. Once the DB is open, a failure of the DB itself
-    (disk full, a lock held past SQLite's 30 s busy timeout, a lost server) surfaces as the
-    SQLAlchemy error; the CLI reports it as a state DB error with exit code 2.
+    (disk full, a lock held past SQLite's 30 s busy timeout, a lost server) raises
+    :class:`StateError` (exit code 2), naming the DB and the reason.
 
     :param url: a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``).
     :raises StateError: the database cannot be opened or its tables created.
@@ -219,8 +226,15 @@ class StateStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        """A DB session whose failures (disk full, a lock held past the busy timeout, a lost
+        server) surface as one :class:`StateError` naming the DB, without its password."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as db:
+                yield db
+        except DBAPIError as exc:
+            raise StateError(f"the state DB {self._safe_url()} cannot be used: {_reason(exc)}") from exc
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -283,15 +297,18 @@ class StateStore:
             started_at=utcnow(),
         )
 
-    def request_stop(self, session_id: int, mode: StopMode, message: str | None) -> StopMode | None:
-        """Write a stop request onto a running session; the runner acts on it.
+    def request_stop(self, session_id: int, mode: StopMode, message: str | None) -> tuple[str, StopMode | None]:
+        """Write a stop request onto a session that still has VMs to process; its runner
+        acts on it.
 
         One conditional UPDATE, so concurrent requests cannot lose an immediate stop: a
         graceful request never weakens an immediate one already made; an immediate request
         escalates a graceful one (and restarts ``stop_requested_at``). Repeating a request is
-        harmless. A session that has already ended is left as it is.
+        harmless. A session that has ended, or whose VMs have all finished (it is only
+        wrapping up), is left as it is: the stop would change nothing.
 
-        :returns: the mode now in force, or None when the session had already ended.
+        :returns: ``("stop_requested", mode now in force)``, ``("too_late", None)`` when
+            every VM of the session had already finished, or ``("ended", None)``.
         :raises NotFoundError: no session with that id.
         """
         column = JobSession.__table__.c.stop_mode  # type: ignore[attr-defined]
@@ -305,17 +322,22 @@ class StateStore:
         fields: dict[str, Any] = {"stop_mode": new_mode, "stop_requested_at": requested_at}
         if message is not None:
             fields["stop_message"] = message
+        unfinished = (
+            select(VmTask.id)
+            .where(VmTask.session_id == session_id, VmTask.status.in_([TaskStatus.PENDING, TaskStatus.RUNNING]))  # type: ignore[attr-defined]
+            .exists()
+        )
         with self._session() as db:
             applied = db.exec(
                 update(JobSession)  # type: ignore[call-overload]
-                .where(JobSession.id == session_id, JobSession.state != SessionState.STOPPED)
+                .where(JobSession.id == session_id, JobSession.state != SessionState.STOPPED, unfinished)
                 .values(**fields)
             ).rowcount
             db.commit()
+        session = self.session(session_id)  # NotFoundError for an unknown id
         if applied:
-            return self.session(session_id).stop_mode
-        self.session(session_id)  # NotFoundError for an unknown id
-        return None
+            return "stop_requested", session.stop_mode
+        return ("ended" if session.state is SessionState.STOPPED else "too_late"), None
 
     def advance_session(self, session_id: int, *, from_state: SessionState, to_state: SessionState) -> bool:
         """Move a session from one state to the next only if it is still in the first (so a
@@ -333,9 +355,17 @@ class StateStore:
         return bool(moved)
 
     def stop_request(self, session_id: int) -> StopMode | None:
-        """The stop mode requested for the session, if any (polled by the runner)."""
+        """The stop mode requested for the session, if any (polled by the runner).
+
+        A session already ``stopped`` (recovery ended it, taking its runner for dead) answers
+        immediate: a runner that finds its session ended must stop at once.
+        """
         with self._session() as db:
-            return db.exec(select(JobSession.stop_mode).where(JobSession.id == session_id)).first()
+            row = db.exec(select(JobSession.stop_mode, JobSession.state).where(JobSession.id == session_id)).first()
+        if row is None:
+            return None
+        mode, state = row
+        return StopMode.IMMEDIATE if state is SessionState.STOPPED else mode
 
     # -- VM tasks ---------------------------------------------------------------------------
 
@@ -424,55 +454,93 @@ class StateStore:
 
     # -- dead runners -----------------------------------------------------------------------
 
-    def end_dead_sessions(self) -> list[int]:
-        """End ``failed`` every running session whose runner process on this host is gone
-        (a crash, a kill -9), so it no longer looks running and its VM locks free up.
+    def dead_sessions(self) -> list[JobSession]:
+        """Sessions not yet ``stopped`` whose runner is gone, oldest first.
 
-        :returns: the ids of the sessions ended.
+        A runner is gone when its process on this host has ended, a zombie included (it runs
+        no code; its parent has just not reaped it), or, on any host, when its heartbeat
+        (written every few seconds) is older than :data:`STALE_HEARTBEAT_SECONDS`: a
+        runner on another machine, a hung one, or a process id that was reused.
         """
         host = socket.gethostname()
-        ended: list[int] = []
+        stale = utcnow() - timedelta(seconds=STALE_HEARTBEAT_SECONDS)
         with self._session() as db:
-            query = select(JobSession).where(
-                JobSession.state != SessionState.STOPPED, JobSession.owner_host == host
-            )
-            for row in db.exec(query):
-                if row.owner_pid is not None and not _pid_alive(row.owner_pid):
-                    ended.append(row.id)  # type: ignore[arg-type]
-        for session_id in ended:
-            self.end_session(
-                session_id, SessionResult.FAILED, "the session's runner process ended unexpectedly",
-                unfinished=TaskStatus.FAILED,
-            )
-        return ended
+            query = select(JobSession).where(JobSession.state != SessionState.STOPPED).order_by(JobSession.id)  # type: ignore[arg-type]
+            running = list(db.exec(query))
+        dead = []
+        for row in running:
+            beat = as_utc(row.heartbeat_at or row.created_at)
+            gone = row.owner_host == host and row.owner_pid is not None and not pid_alive(row.owner_pid)
+            if gone or (beat is not None and beat < stale):
+                dead.append(row)
+        return dead
 
     def end_session(
-        self, session_id: int, result: SessionResult, message: str | None, *, unfinished: TaskStatus
-    ) -> None:
+        self,
+        session_id: int,
+        result: SessionResult,
+        message: str | None,
+        *,
+        unfinished: TaskStatus,
+        if_stop_mode: StopMode | None | object = ANY_STOP_MODE,
+    ) -> bool:
         """Mark a session ``stopped`` with its result, and every VM task not yet final with
         ``unfinished`` (``not_processed`` for tasks that never started, ``failed`` when the
-        runner broke or died)."""
+        runner broke or died), in one transaction.
+
+        :param if_stop_mode: end the session only if its stop mode is still this one (None:
+            no stop requested), so a stop request that lands while the runner works out
+            the result is not lost; by default, whatever it is.
+        :returns: whether the session was ended (False: the stop mode changed meanwhile, or
+            it had already ended, e.g. by recovery).
+        """
         now = utcnow()
+        condition = [JobSession.id == session_id, JobSession.state != SessionState.STOPPED]
+        if if_stop_mode is None:
+            condition.append(JobSession.stop_mode.is_(None))  # type: ignore[union-attr]
+        elif if_stop_mode is not ANY_STOP_MODE:
+            condition.append(JobSession.stop_mode == if_stop_mode)
         with self._session() as db:
+            ended = db.exec(
+                update(JobSession)  # type: ignore[call-overload]
+                .where(*condition)
+                .values(state=SessionState.STOPPED, result=result, message=message, ended_at=now)
+            ).rowcount
+            if not ended:
+                db.rollback()
+                return False
             db.exec(
                 update(VmTask)  # type: ignore[call-overload]
                 .where(VmTask.session_id == session_id, VmTask.status.in_([TaskStatus.PENDING, TaskStatus.RUNNING]))  # type: ignore[attr-defined]
                 .values(status=unfinished, ended_at=now, stage=None)
             )
-            db.exec(
-                update(JobSession)  # type: ignore[call-overload]
-                .where(JobSession.id == session_id)
-                .values(state=SessionState.STOPPED, result=result, message=message, ended_at=now)
-            )
             db.commit()
+        return True
 
 
-def _pid_alive(pid: int) -> bool:
+def _reason(exc: DBAPIError) -> str:
+    """The driver's own words for a DB failure (e.g. "database or disk is full")."""
+    return str(exc.orig).strip() or type(exc.orig).__name__
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host is running. A zombie (dead, not yet reaped by its
+    parent: a container's PID 1, a supervisor) is not: it runs no code any more. Zombie
+    detection reads ``/proc/PID/stat`` (Linux); elsewhere only existence is checked."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # /proc present: the process just went
+    except OSError:
         return True
-    return True
+    # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ')'
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
 

@@ -30,7 +30,8 @@ from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from backupd.enums import TaskStatus, TransferMode
-from backupd.errors import BackupdError, SessionCancelled
+from backupd.errors import BackupdError, RepositoryError, SessionCancelled, StateError
+from backupd.recovery import recover_dead_sessions, snapshot_name
 from backupd.retry import call_with_retry
 from backupd.state import VmTask as VmTaskRow, utcnow
 from providers.base import (
@@ -129,6 +130,15 @@ class VmTask:
     # -- outcome ----------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Process the VM to its end. A state DB failure (:class:`StateError`) is handed to
+        the runner, which stops the whole session at once: without its state DB a session
+        cannot record what it does. The snapshot is removed either way."""
+        try:
+            self._run()
+        except StateError as exc:
+            self.runner.lose_state(exc)
+
+    def _run(self) -> None:
         self._update(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow())
         lock_key = f"{self.job.provider}/{self.vm_name}"
         try:
@@ -140,6 +150,8 @@ class VmTask:
         except _NotStarted:
             self._finish(TaskStatus.NOT_PROCESSED, stage=None)
             return
+        except StateError:
+            raise
         except Exception as exc:  # every failure ends this VM only; the session goes on
             self._fail(exc)
             return
@@ -172,6 +184,9 @@ class VmTask:
             holder = self.store.try_lock_vm(key, self.session_id)
             if holder is None:
                 return
+            if any(dead.id == holder for dead in self.store.dead_sessions()):
+                recover_dead_sessions(self.runner.config, self.store)  # frees the lock of a dead runner
+                continue
             if not announced:
                 self._log(f"waiting for session {holder}, which is processing this VM")
                 announced = True
@@ -202,16 +217,27 @@ class VmTask:
             point_id, mode = self._transfer(snapshot)
         finally:
             self._remove_snapshot(snapshot)
-        removed = self.repository.apply_retention(vm=self.vm_name, job=self.job_name, keep=self.job.retention)
+        self._update(stage="retention")
+        self._apply_retention()
+        return point_id, mode
+
+    def _apply_retention(self) -> None:
+        """Keep the job's number of restore points of this VM. A failure here leaves this
+        session's restore point in place and ends the VM ``warning``."""
+        try:
+            removed = self.repository.apply_retention(vm=self.vm_name, job=self.job_name, keep=self.job.retention)
+        except RepositoryError as exc:
+            self.warnings.append(f"retention failed: {exc}")
+            self._log(self.warnings[-1], level="warning")
+            return
         if removed:
             self._log(f"retention removed {len(removed)} restore point(s): {', '.join(removed)}")
-        return point_id, mode
 
     def _create_snapshot(self, vm: VmInfo) -> Snapshot:
         def create(quiesce: bool) -> Callable[[], Snapshot]:
             return lambda: self.provider.create_snapshot(
                 vm,
-                name=f"backupd-{self.job_name}-{self.session_id}",
+                name=snapshot_name(self.job_name, self.session_id),
                 description=f"Created by backupd for job {self.job_name}, session {self.session_id}",
                 quiesce=quiesce,
             )
@@ -255,39 +281,60 @@ class VmTask:
         plans = self._plan(snapshot)
         mode = TransferMode.INCREMENTAL if all(p.base_point for p in plans) else TransferMode.FULL
         block_size = self.repository.block_size
-        total = sum(
-            min(block_size, plan.disk.capacity_bytes - number * block_size)
-            for plan in plans
-            for number in plan.blocks
-        )
-        self._update(mode=mode.value, bytes_total=total)
-        self._log(f"{mode.value} transfer of {len(plans)} disk(s), {total} bytes to read")
         writer: PointWriter
         with self.repository.new_point(
             vm=self.vm_name, job=self.job_name, session=str(self.session_id), mode=mode.value
         ) as writer:
-            for plan in plans:
-                disk_writer = writer.add_disk(
-                    key=plan.disk.key,
-                    label=plan.disk.label,
-                    capacity_bytes=plan.disk.capacity_bytes,
-                    change_id=plan.disk.change_id,
-                    base_point=plan.base_point,
-                )
+            disk_writers = [self._add_disk(writer, plan) for plan in plans]
+            total = sum(
+                min(block_size, plan.disk.capacity_bytes - number * block_size)
+                for plan in plans
+                for number in plan.blocks
+            )
+            self._update(mode=mode.value, bytes_total=total)
+            self._log(f"{mode.value} transfer of {len(plans)} disk(s), {total} bytes to read")
+            for plan, disk_writer in zip(plans, disk_writers, strict=True):
                 reader = self._retry(lambda plan=plan: self.provider.open_disk(snapshot, plan.disk))
                 with reader:
                     self._copy_blocks(reader, disk_writer, plan)
             self._check_cancel()
             self._update(stage="commit")
             info = writer.commit()
+        # Recorded at once: whatever happens to this process from here on, the state DB
+        # names the restore point the repository now holds.
+        self._update(restore_point=info.id)
         # While blocks are staged, two VM tasks may both count a block they share; the
         # repository settles which point added it at commit.
         self._bytes_stored = info.stored_bytes
         self._log(f"restore point {info.id} committed ({mode.value}, {self._bytes_read} bytes read, {self._bytes_stored} stored)")
         return info.id, mode
 
+    def _add_disk(self, writer: "PointWriter", plan: _DiskPlan) -> "DiskWriter":
+        """Start the disk in the new restore point; blocks its base point references but the
+        repository no longer holds intact (quarantined or missing) join the plan, so they
+        are read from the snapshot again (docs/repository-format.md, "Damage")."""
+        disk_writer = writer.add_disk(
+            key=plan.disk.key,
+            label=plan.disk.label,
+            capacity_bytes=plan.disk.capacity_bytes,
+            change_id=plan.disk.change_id,
+            base_point=plan.base_point,
+        )
+        if disk_writer.missing:
+            self._log(
+                f"{plan.disk.label}: base restore point {plan.base_point} references {len(disk_writer.missing)} "
+                f"damaged or missing block(s); reading them from the snapshot again", level="warning",
+            )
+            plan.blocks = sorted(set(plan.blocks) | disk_writer.missing)
+        return disk_writer
+
     def _plan(self, snapshot: Snapshot) -> list[_DiskPlan]:
-        previous = None if self.runner.session.full else self.repository.latest_point(vm=self.vm_name, job=self.job_name)
+        previous = None
+        if not self.runner.session.full:
+            previous, passed_over = self.repository.base_point(vm=self.vm_name, job=self.job_name)
+            for damaged in passed_over:
+                self._log(f"restore point {damaged.id} is damaged and is not used as a base: {damaged.problem}",
+                          level="warning")
         previous_disks = {disk.key: disk for disk in previous.disks} if previous else {}
         block_size = self.repository.block_size
         plans = []

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -10,11 +13,18 @@ import pytest
 from backupd.config import RetryConfig
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.retry import call_with_retry
-from backupd.state import StateStore
+from backupd.state import StateStore, utcnow
 from backupd.vmtask import blocks_of
 from providers.base import Extent, SnapshotError, TransientProviderError
 
 MIB = 1 << 20
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize(
@@ -89,9 +99,9 @@ def test_a_new_session_starts_with_pending_tasks_in_config_order(store: StateSto
 
 def test_an_immediate_stop_escalates_a_graceful_one_and_is_never_weakened(store: StateStore) -> None:
     sid = store.create_session("nightly", ["a"], full=False).id
-    assert store.request_stop(sid, StopMode.GRACEFUL, "maintenance") is StopMode.GRACEFUL
-    assert store.request_stop(sid, StopMode.IMMEDIATE, None) is StopMode.IMMEDIATE
-    assert store.request_stop(sid, StopMode.GRACEFUL, None) is StopMode.IMMEDIATE
+    assert store.request_stop(sid, StopMode.GRACEFUL, "maintenance") == ("stop_requested", StopMode.GRACEFUL)
+    assert store.request_stop(sid, StopMode.IMMEDIATE, None) == ("stop_requested", StopMode.IMMEDIATE)
+    assert store.request_stop(sid, StopMode.GRACEFUL, None) == ("stop_requested", StopMode.IMMEDIATE)
     row = store.session(sid)
     assert (row.stop_mode, row.stop_message) == (StopMode.IMMEDIATE, "maintenance")
 
@@ -108,7 +118,7 @@ def test_a_vm_lock_is_exclusive_until_released_or_its_session_ends(store: StateS
     assert store.try_lock_vm("lab/vm", first) is None  # taken over from an ended session
 
 
-def test_a_session_whose_runner_died_is_ended_failed(store: StateStore) -> None:
+def test_a_session_whose_runner_process_ended_is_dead(store: StateStore) -> None:
     import socket
     import subprocess
 
@@ -116,18 +126,73 @@ def test_a_session_whose_runner_died_is_ended_failed(store: StateStore) -> None:
     child.wait()
     sid = store.create_session("nightly", ["a", "b"], full=False).id
     store.update_session(sid, owner_host=socket.gethostname(), owner_pid=child.pid, state=SessionState.WORKING)
-    assert store.end_dead_sessions() == [sid]
-    row = store.session(sid)
-    assert (row.state, row.result) == (SessionState.STOPPED, SessionResult.FAILED)
-    assert {t.status.value for t in store.tasks(sid)} == {"failed"}
+    assert [row.id for row in store.dead_sessions()] == [sid]
+
+
+def test_a_zombie_runner_is_dead_though_its_pid_still_exists(store: StateStore) -> None:
+    """A killed runner whose parent has not reaped it (a container's PID 1, a supervisor)."""
+    import signal
+    import socket
+    import subprocess
+
+    from backupd.state import pid_alive
+
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        child.send_signal(signal.SIGKILL)
+        # not reaped yet: the pid exists as a zombie until child.wait()
+        wait_until(lambda: _process_state(child.pid) == "Z")
+        os.kill(child.pid, 0)  # the pid still answers a signal check
+        assert not pid_alive(child.pid)
+        sid = store.create_session("nightly", ["a"], full=False).id
+        store.update_session(sid, owner_host=socket.gethostname(), owner_pid=child.pid, heartbeat_at=utcnow())
+        assert [row.id for row in store.dead_sessions()] == [sid]
+    finally:
+        child.wait()
+
+
+def test_a_runner_whose_heartbeat_stopped_is_dead_even_if_its_pid_lives(store: StateStore) -> None:
+    """A hung runner, a runner on another host, or a pid that was reused by another process."""
+    import socket
+
+    from backupd.state import STALE_HEARTBEAT_SECONDS
+
+    fresh = store.create_session("nightly", ["a"], full=False).id
+    hung = store.create_session("weekly", ["a"], full=False).id
+    elsewhere = store.create_session("monthly", ["a"], full=False).id
+    old = utcnow() - timedelta(seconds=STALE_HEARTBEAT_SECONDS + 1)
+    store.update_session(fresh, owner_host=socket.gethostname(), owner_pid=os.getpid(), heartbeat_at=utcnow())
+    store.update_session(hung, owner_host=socket.gethostname(), owner_pid=os.getpid(), heartbeat_at=old)
+    store.update_session(elsewhere, owner_host="proxy-7", owner_pid=1, heartbeat_at=old)
+    assert [row.id for row in store.dead_sessions()] == [hung, elsewhere]
 
 
 def test_a_stop_request_for_an_ended_session_changes_nothing(store: StateStore) -> None:
     sid = store.create_session("nightly", ["a"], full=False).id
     store.end_session(sid, SessionResult.SUCCESS, None, unfinished=TaskStatus.NOT_PROCESSED)
-    assert store.request_stop(sid, StopMode.IMMEDIATE, "too late") is None
+    assert store.request_stop(sid, StopMode.IMMEDIATE, "too late") == ("ended", None)
     row = store.session(sid)
     assert (row.stop_mode, row.stop_message) == (None, None)
+
+
+def test_a_stop_after_every_vm_finished_is_too_late_and_changes_nothing(store: StateStore) -> None:
+    sid = store.create_session("nightly", ["a", "b"], full=False).id
+    for task in store.tasks(sid):
+        store.update_task(task.id, status=TaskStatus.SUCCESS)
+    assert store.request_stop(sid, StopMode.IMMEDIATE, "now") == ("too_late", None)
+    assert store.session(sid).stop_mode is None
+
+
+def test_a_session_ends_only_if_the_stop_mode_is_still_the_one_its_result_saw(store: StateStore) -> None:
+    sid = store.create_session("nightly", ["a"], full=False).id
+    store.request_stop(sid, StopMode.IMMEDIATE, None)
+    assert not store.end_session(sid, SessionResult.SUCCESS, None, unfinished=TaskStatus.NOT_PROCESSED,
+                                 if_stop_mode=None)
+    assert store.session(sid).state is SessionState.STARTING
+    assert store.end_session(sid, SessionResult.FAILED, "stopped", unfinished=TaskStatus.NOT_PROCESSED,
+                             if_stop_mode=StopMode.IMMEDIATE)
+    assert not store.end_session(sid, SessionResult.SUCCESS, None, unfinished=TaskStatus.NOT_PROCESSED)
+    assert store.session(sid).result is SessionResult.FAILED
 
 
 def test_working_never_overwrites_a_stopping_written_meanwhile(store: StateStore) -> None:
@@ -157,9 +222,7 @@ def test_a_session_whose_creator_died_before_any_runner_started_is_ended(tmp_pat
     subprocess.run([sys.executable, "-c", code], check=True)
     store = StateStore(url)
     (session,) = store.sessions()
-    assert store.end_dead_sessions() == [session.id]
-    assert store.session(session.id).state is SessionState.STOPPED
-    assert store.running_sessions("nightly") == []
+    assert [row.id for row in store.dead_sessions()] == [session.id]
 
 
 def test_states_are_stored_in_the_vocabulary_words(store: StateStore) -> None:
@@ -171,3 +234,9 @@ def test_states_are_stored_in_the_vocabulary_words(store: StateStore) -> None:
         row = connection.execute(text("select state, stop_mode from job_session")).one()
         status = connection.execute(text("select status from vm_task")).scalar_one()
     assert (tuple(row), status) == (("starting", "graceful"), "pending")
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as file:
+        stat = file.read()
+    return stat[stat.rfind(")") + 2]

@@ -1,0 +1,199 @@
+"""Recovery after a crash: sessions whose runner is gone, and snapshots no live session owns.
+
+The crash row of the stop contract (docs/design.md): on restart, sessions whose runner is gone
+end ``failed``; snapshots recorded but not removed are removed; unfinished repository writes
+are discarded (the repository does that itself on open); and the snapshot hunter removes
+snapshots with backupd's name prefix that no live session owns.
+
+- :func:`recover_dead_sessions` runs whenever the state DB is opened (any CLI command, a
+  runner) and finds sessions whose runner is gone (:meth:`StateStore.dead_sessions`: a dead or
+  zombie process on this host, or a heartbeat that stopped). It makes the state DB agree with
+  the repository: a VM whose restore point was committed before the crash gets it recorded
+  (``warning`` when its snapshot removal did not complete, else ``success``); a VM that never
+  started is ``not_processed``; any other unfinished VM is ``failed`` with the reason. The
+  session ends ``failed``.
+- :func:`remove_orphaned_snapshots` runs at the start of every session, for the VMs of its
+  job: it removes snapshots that ended sessions recorded but did not remove, and hunts
+  snapshots named ``backupd-<job>-<session>`` whose session has ended: a runner killed between
+  the snapshot's creation on the hypervisor and the recording of its id leaves one that no
+  row names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from backupd.enums import SessionResult, SessionState, TaskStatus
+from backupd.errors import BackupdError
+from backupd.retry import call_with_retry
+from backupd.state import JobSession, StateStore, as_utc
+
+if TYPE_CHECKING:
+    from backupd.config import Config, JobConfig
+    from providers.base import Provider
+
+log = logging.getLogger(__name__)
+
+#: every snapshot backupd creates is named ``backupd-<job>-<session id>``
+SNAPSHOT_PREFIX = "backupd-"
+_SNAPSHOT_NAME = re.compile(rf"^{SNAPSHOT_PREFIX}(?P<job>.+)-(?P<session>[1-9][0-9]{{0,17}})$")
+#: a snapshot older than its session by more than this (clock differences between hosts) was
+#: not made by it: another installation's session that happens to have the same id
+_CLOCK_SLACK = timedelta(minutes=5)
+
+
+def snapshot_name(job: str, session_id: int) -> str:
+    """The name of the snapshots a session creates, which the snapshot hunter recognises."""
+    return f"{SNAPSHOT_PREFIX}{job}-{session_id}"
+
+
+# -- sessions whose runner is gone --------------------------------------------------------------
+
+
+def recover_dead_sessions(config: "Config", store: StateStore) -> list[int]:
+    """End every session whose runner is gone, reconciled with the repository.
+
+    :returns: the ids of the sessions ended.
+    :raises StateError: the state DB cannot be used.
+    """
+    ended = []
+    for session in store.dead_sessions():
+        _recover(config, store, session)
+        ended.append(session.id)  # type: ignore[arg-type]
+    return ended
+
+
+def _recover(config: "Config", store: StateStore, session: JobSession) -> None:
+    session_id = session.id
+    assert session_id is not None
+    runner = f"its runner (pid {session.owner_pid} on {session.owner_host})"
+    beat = as_utc(session.heartbeat_at)
+    reason = f"{runner} ended unexpectedly" + (f"; last heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC" if beat else "")
+    committed = _committed_points(config, session)
+    for task in store.tasks(session_id):
+        if task.status.is_final:
+            continue
+        fields: dict[str, object] = {"stage": None, "ended_at": as_utc(session.heartbeat_at) or session.created_at}
+        point = committed.get(task.vm)
+        if point is not None:
+            fields["restore_point"] = point
+            if task.snapshot_removed or task.snapshot_id is None:
+                fields["status"] = TaskStatus.SUCCESS
+            else:
+                fields["status"] = TaskStatus.WARNING
+                fields["warning"] = (f"the restore point was committed, then {reason} before the snapshot was "
+                                     f"removed; the next session of the job removes it")
+        elif task.status is TaskStatus.PENDING:
+            fields["status"] = TaskStatus.NOT_PROCESSED
+            fields["error"] = f"not started: the session's {reason.removeprefix('its ')}"
+        else:
+            stage = f" (stage {task.stage})" if task.stage else ""
+            fields["status"] = TaskStatus.FAILED
+            fields["error"] = f"the session's {reason.removeprefix('its ')}{stage}; no restore point was made"
+        store.update_task(task.id, **fields)  # type: ignore[arg-type]
+    store.end_session(session_id, SessionResult.FAILED, f"the session's {reason.removeprefix('its ')}",
+                      unfinished=TaskStatus.FAILED)
+    store.log(session_id, f"recovered: {reason}; the session is recorded failed", level="error")
+    log.warning("session %s: %s; recorded failed", session_id, reason)
+
+
+def _committed_points(config: "Config", session: JobSession) -> dict[str, str]:
+    """VM name → restore point the session committed, read from the job's repository (the
+    source of truth for restore points). Empty when the job or repository is gone."""
+    job = config.jobs.get(session.job)
+    if job is None:
+        return {}
+    repository_config = config.repositories.get(job.repository)
+    if repository_config is None or not repository_config.path.exists():
+        return {}
+    try:
+        points = repository_config.open(create=False).points(job=session.job)
+    except BackupdError as exc:
+        log.warning("session %s: cannot read its repository to recover it: %s", session.id, exc)
+        return {}
+    return {point.vm: point.id for point in points if point.session == str(session.id)}
+
+
+# -- snapshots nobody owns ---------------------------------------------------------------------
+
+
+def remove_orphaned_snapshots(
+    store: StateStore,
+    provider: "Provider",
+    job_name: str,
+    job: "JobConfig",
+    report: Callable[[str, str, str | None], None],
+) -> None:
+    """Remove the snapshots of ended sessions on the job's VMs: those recorded but not
+    removed (a killed runner, a removal that kept failing) and, by name, those never recorded
+    (a runner killed between creating a snapshot and recording its id).
+
+    A failure is reported and left for the next session; it never fails this one.
+
+    :param report: called as ``report(text, level, vm)`` for the session log.
+    """
+    from providers.base import ProviderError, VmNotFound
+
+    tried: set[str] = set()
+    for task in store.unremoved_snapshots(job_name):
+        tried.add(task.snapshot_id)  # type: ignore[arg-type]
+        try:
+            vm = provider.find_vm(task.vm)
+            snapshot = next((s for s in provider.list_snapshots(vm) if s.id == task.snapshot_id), None)
+            if snapshot is not None:
+                call_with_retry(lambda: provider.remove_snapshot(snapshot), job.retry)
+        except ProviderError as exc:
+            store.update_task(task.id, snapshot_error=str(exc))  # type: ignore[arg-type]
+            report(f"orphaned snapshot {task.snapshot_id} of session {task.session_id} could not be removed: {exc}",
+                   "warning", task.vm)
+            continue
+        store.update_task(task.id, snapshot_removed=True, snapshot_error=None)  # type: ignore[arg-type]
+        report(f"removed orphaned snapshot {task.snapshot_id} left by session {task.session_id}"
+               + ("" if snapshot else " (it was already gone)"), "info", task.vm)
+
+    for vm_name in job.vms:
+        try:
+            vm = provider.find_vm(vm_name)
+            snapshots = provider.list_snapshots(vm)
+        except VmNotFound:
+            continue  # the VM task reports it
+        except ProviderError as exc:
+            report(f"cannot look for orphaned snapshots: {exc}", "warning", vm_name)
+            continue
+        for snapshot in snapshots:
+            owner = None if snapshot.id in tried else _ended_owner(store, snapshot.name, snapshot.created_at)
+            if owner is None:
+                continue
+            try:
+                call_with_retry(lambda snapshot=snapshot: provider.remove_snapshot(snapshot), job.retry)
+            except ProviderError as exc:
+                report(f"orphaned snapshot {snapshot.id} ({snapshot.name}) could not be removed: {exc}",
+                       "warning", vm_name)
+                continue
+            report(f"removed orphaned snapshot {snapshot.id} ({snapshot.name}) that session {owner} created "
+                   f"but never recorded", "info", vm_name)
+
+
+def _ended_owner(store: StateStore, name: str, created_at: object) -> int | None:
+    """The id of the ended session of this state DB that created a snapshot of this name,
+    or None when the name is not backupd's, or its session is unknown here or still runs."""
+    match = _SNAPSHOT_NAME.match(name)
+    if match is None:
+        return None
+    session_id = int(match["session"])
+    if session_id >= 1 << 63:
+        return None
+    try:
+        session = store.session(session_id)
+    except BackupdError:
+        return None
+    created = as_utc(session.created_at)
+    if session.job != match["job"] or session.state is not SessionState.STOPPED:
+        return None
+    if created is not None and created_at < created - _CLOCK_SLACK:  # type: ignore[operator]
+        return None
+    return session_id
