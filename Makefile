@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-compare clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "backupd needs Python >= 3.11")'
@@ -24,6 +24,10 @@ test: $(STAMP)
 ## make bench: throughput, incremental speed, memory and stop latency, side by side with restic
 bench: $(STAMP)
 	$(PY) bench/run.py --lab bench-lab
+
+## make bench-compare BASELINE=REV: the bench's backupd figures of commit REV and of the working tree, in one sitting
+bench-compare: $(STAMP)
+	$(PY) bench/compare.py --baseline $(BASELINE) --lab bench-lab
 
 clean:
 	rm -rf $(VENV) demo-lab bench-lab .pytest_cache

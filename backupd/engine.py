@@ -158,6 +158,10 @@ class SessionRunner:
             if self.store.end_session(session_id, result, message, unfinished=TaskStatus.NOT_PROCESSED,
                                       if_stop_mode=seen):
                 break
+            ended = self.store.session(session_id)
+            if ended.state is SessionState.STOPPED:  # recovery took this runner for dead
+                log.warning("session %s was ended meanwhile by recovery (%s)", session_id, ended.message)
+                return ended.result or SessionResult.FAILED
         self.store.log(session_id, f"session ended: {result.value}" + (f" ({message})" if message else ""))
         return result
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: the message of a session recovery ended (its VMs and log say more)
+RUNNER_DIED = "runner process died"
 #: every snapshot backupd creates is named ``backupd-<job>-<session id>``
 SNAPSHOT_PREFIX = "backupd-"
 _SNAPSHOT_NAME = re.compile(rf"^{SNAPSHOT_PREFIX}(?P<job>.+)-(?P<session>[1-9][0-9]{{0,17}})$")
@@ -87,7 +89,7 @@ def _recover(config: "Config", store: StateStore, session: JobSession) -> None:
                 fields["status"] = TaskStatus.WARNING
                 fields["warning"] = (f"the restore point was committed, then {reason} before the snapshot was "
                                      f"removed; the next session of the job removes it")
-        elif task.status is TaskStatus.PENDING:
+        elif task.status is TaskStatus.PENDING or task.stage == "waiting":  # never reached its snapshot
             fields["status"] = TaskStatus.NOT_PROCESSED
             fields["error"] = f"not started: the session's {reason.removeprefix('its ')}"
         else:
@@ -95,8 +97,7 @@ def _recover(config: "Config", store: StateStore, session: JobSession) -> None:
             fields["status"] = TaskStatus.FAILED
             fields["error"] = f"the session's {reason.removeprefix('its ')}{stage}; no restore point was made"
         store.update_task(task.id, **fields)  # type: ignore[arg-type]
-    store.end_session(session_id, SessionResult.FAILED, f"the session's {reason.removeprefix('its ')}",
-                      unfinished=TaskStatus.FAILED)
+    store.end_session(session_id, SessionResult.FAILED, RUNNER_DIED, unfinished=TaskStatus.FAILED)
     store.log(session_id, f"recovered: {reason}; the session is recorded failed", level="error")
     log.warning("session %s: %s; recorded failed", session_id, reason)
 
