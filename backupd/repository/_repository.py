@@ -237,6 +237,9 @@ class Repository:
         Images are sparse (zero blocks are holes), exactly ``capacity_bytes`` long, checked
         block by block against their hashes, and appear under their final names only when
         all of them are complete. ``to_dir`` is created (0700) if absent; images are 0600.
+        Partial images that a killed restore left in ``to_dir`` (hidden
+        ``.<image>.<8 hex>.partial`` files whose writer no longer holds their ``flock``) are
+        removed first and logged as a warning; those of live restores are left alone.
 
         :param progress: called as ``progress(bytes restored, total bytes of all disks)``.
         :returns: the image paths, in the point's disk order.

@@ -7,9 +7,13 @@ below is known byte for byte.
 
 from __future__ import annotations
 
+import json
+import signal
+from pathlib import Path
+
 import pytest
 
-from labkit import EXIT_FAILED, EXIT_SUCCESS, EXIT_WARNING, MiB, Lab, payload, vms_by_name
+from labkit import EXIT_FAILED, EXIT_SUCCESS, EXIT_WARNING, MiB, Lab, describe, payload, vms_by_name, wait_until
 
 
 def test_second_run_is_incremental_reads_only_changed_blocks_and_restores_bit_for_bit(lab: Lab) -> None:
@@ -247,3 +251,34 @@ def test_listings_show_jobs_sessions_points_and_vms_as_scripts_read_them(lab: La
     vms = {vm["name"]: vm for vm in lab.run_json("vm", "list", "--json")}
     assert sorted(vms) == ["vm-a", "vm-b"]
     assert vms["vm-a"]["disks"][0]["capacity_bytes"] == 4 * MiB and vms["vm-a"]["snapshots"] == []
+
+
+def test_a_restore_killed_while_writing_leaves_a_partial_image_the_next_restore_removes(lab: Lab) -> None:
+    """Given a restore point of a 256 MiB disk, when ``backupd restore`` is killed with SIGKILL
+    while it writes the image, then its hidden ``.partial`` image stays in the target folder (no
+    cleanup code runs), and the next restore into the same folder removes it, says so on stderr,
+    and writes the image of the live disk."""
+    lab.configure(vms={"vm-a": "256 MiB"}, jobs={"nightly": {"vms": ["vm-a"]}})
+    for half in range(2):  # payload() makes at most 2**28 - 1 bytes at once
+        lab.write_disk("vm-a", payload(128 * MiB, seed=7 + half), offset=half * 128 * MiB)
+    lab.start_wait("nightly")
+    target = lab.scratch / "restored"
+
+    def partials() -> list[str]:
+        return sorted(p.name for p in target.glob(".*.partial")) if target.is_dir() else []
+
+    killed = lab.popen("restore", "vm-a", "--to", target, "--json")
+    [leftover] = wait_until(partials, timeout=60, interval=0.005, what="a partial image")
+    killed.proc.send_signal(signal.SIGKILL)
+    assert killed.finish().returncode == -signal.SIGKILL, "killed while writing, before it could finish"
+    assert partials() == [leftover] and not list(target.glob("*.img")), "nothing ran to clean up after SIGKILL"
+
+    proc = lab.run("restore", "vm-a", "--to", target, "--json")
+
+    assert proc.returncode == EXIT_SUCCESS, describe(proc, "the second restore failed")
+    assert partials() == []
+    [image] = json.loads(proc.stdout)["images"]
+    assert sorted(p.name for p in target.iterdir()) == [Path(image).name]
+    assert Path(image).read_bytes() == bytes(lab.disks["vm-a"])
+    assert "removed 1 leftover partial image(s) of an interrupted restore" in proc.stderr
+    assert leftover in proc.stderr

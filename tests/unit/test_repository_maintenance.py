@@ -3,7 +3,10 @@ crash recovery, opening, and the safety rules for paths and permissions."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import socket
 import stat
@@ -17,7 +20,7 @@ import pytest
 import zstandard
 
 from backupd.errors import RepositoryError
-from backupd.repository import Repository, _writer
+from backupd.repository import Repository, _restore, _writer, image_name
 from backupd.repository._layout import vm_key
 from test_repository_points import BS, backup, disk_image, make_repo, restore_bytes
 
@@ -287,6 +290,192 @@ def test_a_commit_that_fails_before_the_manifest_leaves_no_point_and_gc_frees_it
     assert repo.points() == [] and os.listdir(repo.path / "staging") == []
     assert len(block_files(repo)) == 3, "published before the manifest failed"
     assert repo.collect_garbage().removed_blocks == 3
+
+
+# ---- interrupted restores --------------------------------------------------------------------
+
+#: restores a point in another process and stops at the first progress call, with the partial
+#: image created (and flock'ed) and its first block written: the test then kills the process
+#: (``kill -9``) or lets it finish by writing a line to its stdin
+PAUSED_RESTORE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from backupd.repository import Repository
+    repo = Repository.open(Path(sys.argv[1]))
+    paused = []
+    def progress(done, total):
+        if not paused:
+            paused.append(done)
+            print("writing", flush=True)
+            sys.stdin.readline()
+    repo.restore(sys.argv[2], Path(sys.argv[3]), progress=progress)
+    """
+)
+
+
+def start_paused_restore(repo: Repository, point_id: str, to_dir: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_RESTORE, str(repo.path), point_id, str(to_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "writing\n", "the restore did not start writing"
+    return proc
+
+
+def partials(folder: Path) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith(".partial"))
+
+
+def dead_partial(folder: Path, vm: str, disk_key: int, size: int = 3 * BS) -> Path:
+    """A partial image as a restore killed while writing leaves it: the documented name, some
+    data, and no process holding its flock."""
+    folder.mkdir(exist_ok=True)
+    path = folder / f".{image_name(vm, disk_key)}.0123abcd.partial"
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def test_a_restore_removes_the_partial_image_of_a_restore_killed_in_the_same_folder(tmp_path, caplog):
+    repo = make_repo(tmp_path)
+    image = disk_image(80, 8, tail=9, zero_blocks=(2,))
+    info = backup(repo, "web01", {2000: image})
+    out = tmp_path / "out"
+    killed = start_paused_restore(repo, info.id, out)
+    [leftover] = partials(out)
+    killed.kill()  # SIGKILL: no finally block runs
+    assert killed.wait(60) == -9
+    assert partials(out) == [leftover], "a killed restore leaves its partial image"
+
+    with caplog.at_level(logging.INFO, logger="backupd.repository"):
+        assert restore_bytes(repo, info.id, out) == [image]
+
+    assert os.listdir(out) == [image_name("web01", 2000)]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "removed 1 leftover partial image(s) of an interrupted restore" in warning
+    assert leftover in warning
+
+
+def test_a_restore_leaves_the_partial_image_of_a_live_restore_in_the_same_folder_alone(tmp_path):
+    repo = make_repo(tmp_path)
+    live_image, other_image = disk_image(81, 6), disk_image(82, 4)
+    live_point = backup(repo, "db01", {2000: live_image})
+    other_point = backup(repo, "web01", {2000: other_image})
+    out = tmp_path / "out"
+    dead = dead_partial(out, "old01", 2000)
+    live = start_paused_restore(repo, live_point.id, out)
+    try:
+        [live_partial] = [name for name in partials(out) if name != dead.name]
+
+        assert restore_bytes(repo, other_point.id, out) == [other_image]
+
+        assert partials(out) == [live_partial], "the dead writer's partial is removed, the live one's kept"
+        live.communicate("go on\n", timeout=60)
+    finally:
+        live.kill()  # a no-op once it has finished
+        live.wait(60)
+    assert live.returncode == 0
+    assert (out / image_name("db01", 2000)).read_bytes() == live_image
+    assert partials(out) == []
+
+
+def test_a_restore_removes_only_files_named_as_its_own_partial_images(tmp_path):
+    repo = make_repo(tmp_path)
+    image = disk_image(83, 3)
+    info = backup(repo, "web01", {2000: image})
+    out = tmp_path / "out"
+    dead = dead_partial(out, "web01", 2000)
+    name = image_name("web01", 2000)
+    decoys = [
+        ".notes.partial",
+        "x.img",
+        ".web-disk2000.img.zzzz.partial",  # no VM key hash, no 8-hex token
+        ".web-disk2000.img.0123abcd.partial",  # no VM key hash
+        f".{name}.0123ABCD.partial",  # restore's tokens are lower-case
+        f".{name}.0123abc.partial",
+        f".{name}.0123abcd.partial.old",
+        f"{name}.0123abcd.partial",  # not hidden
+        f".{name}.partial",
+    ]
+    for decoy in decoys:
+        (out / decoy).write_bytes(b"not mine")
+    outside = tmp_path / "outside.img"
+    outside.write_bytes(b"not mine either")
+    (out / f".{name}.aaaaaaaa.partial").symlink_to(outside)
+    (out / f".{name}.bbbbbbbb.partial").mkdir()
+    os.mkfifo(out / f".{name}.cccccccc.partial")  # opening it for reading must not hang
+
+    assert restore_bytes(repo, info.id, out) == [image]
+
+    assert not dead.exists()
+    assert all((out / decoy).read_bytes() == b"not mine" for decoy in decoys)
+    assert (out / f".{name}.aaaaaaaa.partial").is_symlink() and outside.read_bytes() == b"not mine either"
+    assert (out / f".{name}.bbbbbbbb.partial").is_dir()
+    assert stat.S_ISFIFO((out / f".{name}.cccccccc.partial").lstat().st_mode)
+
+
+def test_a_restore_keeps_its_finished_partial_images_locked_until_it_publishes_them(tmp_path):
+    """A cleanup that runs while the second disk is written finds the first disk's partial image
+    complete but still locked, so it cannot take it away before it is linked to its name."""
+    repo = make_repo(tmp_path)
+    images = {1: disk_image(86, 3), 2: disk_image(87, 3)}
+    info = backup(repo, "db01", images)
+    out = tmp_path / "out"
+    cleanups = []
+
+    def progress(done, total):
+        if done > len(images[1]) and not cleanups:  # writing disk 2
+            cleanups.append(_restore.discard_dead_partials(out))
+
+    paths = repo.restore(info.id, out, progress=progress)
+
+    assert cleanups == [[]]
+    assert [path.read_bytes() for path in paths] == list(images.values())
+
+
+def test_a_partial_image_removed_between_its_creation_and_its_lock_is_created_anew(tmp_path, monkeypatch):
+    """The window between ``open`` and ``flock`` of a new partial image: another restore's
+    cleanup, running just then, takes the free lock and removes the file; the writer must notice
+    (it holds a file without a name) and not lose its image."""
+    repo = make_repo(tmp_path)
+    image = disk_image(84, 4)
+    info = backup(repo, "web01", {2000: image})
+    out = tmp_path / "out"
+    real_flock = fcntl.flock
+    interfered = []
+
+    def cleanup_runs_first(fd, operation):
+        if operation == fcntl.LOCK_EX and not interfered:  # the writer's lock, not the cleanup's
+            interfered.extend(_restore.discard_dead_partials(out))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", cleanup_runs_first)
+
+    assert restore_bytes(repo, info.id, out) == [image]
+
+    [(removed, _)] = interfered
+    assert removed.startswith(f".{image_name('web01', 2000)}."), "the cleanup did remove the writer's file"
+    assert os.listdir(out) == [image_name("web01", 2000)]
+
+
+def test_a_restore_into_a_folder_without_flock_still_restores(tmp_path, monkeypatch, caplog):
+    repo = make_repo(tmp_path)
+    image = disk_image(85, 4)
+    info = backup(repo, "web01", {2000: image})
+    real_flock = fcntl.flock
+
+    def no_locks_on_partials(fd, operation):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks_on_partials)
+    dead = dead_partial(tmp_path / "out", "old01", 2000)
+
+    assert restore_bytes(repo, info.id, tmp_path / "out") == [image]
+
+    assert dead.exists(), "without flock nobody can tell a dead writer from a live one"
+    assert "does the file system support flock?" in caplog.text
 
 
 # ---- opening ----------------------------------------------------------------------------------
