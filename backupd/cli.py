@@ -134,12 +134,17 @@ def job_start(ctx: _Context, job_name: str, wait: bool, full: bool, as_json: boo
         else:
             click.echo(f"session {session.id} started (job {job_name})")
         return
-    from backupd.progress import run_in_foreground
+    from backupd.host import host_session
+    from backupd.progress import LiveView
     from backupd.render import session_document, session_text
 
     if not as_json:
         click.echo(f"session {session.id} started (job {job_name})", err=True)
-    result = run_in_foreground(service, session.id, live=not as_json and sys.stderr.isatty())
+    if not as_json and sys.stderr.isatty():
+        with LiveView(service, session.id) as view:
+            result = host_session(service, session.id, tick=view.draw)
+    else:
+        result = host_session(service, session.id)
     store = service.store
     document = session_document(store.session(session.id), store.tasks(session.id), store.log_lines(session.id))
     if as_json:
@@ -183,18 +188,6 @@ def job_stop(ctx: _Context, jobs: tuple[str, ...], mode: str, message: str | Non
     error = service.no_session_error(outcomes)
     if error is not None:
         raise error
-
-
-@job.command("run-session", hidden=True)
-@click.argument("session_id", type=int)
-@pass_ctx
-def job_run_session(ctx: _Context, session_id: int) -> None:
-    """Run a created session (the detached runner of ``job start``); SIGTERM stops it
-    gracefully, a second SIGTERM immediately."""
-    from backupd.progress import run_in_foreground
-
-    result = run_in_foreground(ctx.service, session_id, live=False)
-    sys.exit(result.exit_code)
 
 
 # -- session ------------------------------------------------------------------------------------
@@ -472,7 +465,8 @@ class _OneLineFormatter(logging.Formatter):
         return super().format(record).rstrip("\n")
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
+    """Log records on stderr, one line each (:class:`_OneLineFormatter`), warnings and up."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("backupd: %(message)s"))
     root = logging.getLogger()
@@ -484,7 +478,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     """Run the CLI and exit with the code the outcome maps to."""
     from providers.base import ProviderError, VmNotFound
 
-    _configure_logging()
+    configure_logging()
     code = 0
     try:
         cli.main(args=argv, prog_name="backupd", standalone_mode=False)

@@ -30,6 +30,7 @@ from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.errors import RepositoryError, StateError
 from backupd.recovery import remove_orphaned_snapshots
 from backupd.state import JobSession, StateStore, utcnow
+from backupd.stop import StopSignal
 
 if TYPE_CHECKING:
     from backupd.repository import Repository
@@ -43,44 +44,6 @@ HEARTBEAT_SECONDS = 5.0
 #: the session message of a graceful stop that came before any VM started (a documented
 #: behaviour of the stop contract, worded as backup administrators know it)
 CANCELED_BY_USER = "Operation was canceled by user"
-
-
-class StopSignal:
-    """What a session has been asked to do, as seen by its runner and its VM tasks.
-
-    ``no_new_vms`` is set by either kind of stop; ``cancel`` only by an immediate stop (VM
-    tasks in flight abandon their work). Once immediate, the signal never goes back.
-    """
-
-    def __init__(self, store: StateStore, session_id: int) -> None:
-        self._store = store
-        self._session_id = session_id
-        self.no_new_vms = threading.Event()
-        self.cancel = threading.Event()
-        self.mode: StopMode | None = None
-
-    def refresh(self) -> StopMode | None:
-        """Read the stop request from the state DB and raise the events it asks for.
-
-        :returns: the stop mode in force, None when no stop was requested.
-        :raises StateError: the state DB cannot be read.
-        """
-        mode = self._store.stop_request(self._session_id)
-        if mode is not None and self.mode is not StopMode.IMMEDIATE:
-            self.mode = mode
-            self.no_new_vms.set()
-            if mode is StopMode.IMMEDIATE:
-                self.cancel.set()
-        return self.mode
-
-    def lose_state(self) -> None:
-        """Cancel everything, as an immediate stop would, without a request in the DB."""
-        self.no_new_vms.set()
-        self.cancel.set()
-
-    @property
-    def requested(self) -> bool:
-        return self.no_new_vms.is_set()
 
 
 class SessionRunner:
@@ -97,12 +60,7 @@ class SessionRunner:
         self.session: JobSession = store.session(session_id)
         self.job = config.job(self.session.job)
         self.stop = StopSignal(store, session_id)
-        #: set as soon as a VM task begins creating its snapshot
-        self.first_snapshot_begun = threading.Event()
         self._done = threading.Event()
-        #: the state DB failure that ended the session, if one did
-        self.state_lost: StateError | None = None
-        self._state_lock = threading.Lock()
 
     def run(self) -> SessionResult:
         """Process the session to its end; never raises for a VM's failure.
@@ -166,15 +124,13 @@ class SessionRunner:
         return result
 
     def lose_state(self, exc: StateError) -> None:
-        """The state DB cannot be written: stop the session at once (VM tasks cancel between
-        blocks and remove their snapshots, which needs no state DB). Called from any thread;
-        the first failure is kept and reported once."""
-        with self._state_lock:
-            if self.state_lost is not None:
-                return
-            self.state_lost = exc
-        self.stop.lose_state()
-        log.error("session %s: %s; stopping the session now and removing its snapshots", self.session.id, exc)
+        """The state DB cannot be written: stop the session at once (see
+        :meth:`StopSignal.lose_state`)."""
+        self.stop.lose_state(exc)
+
+    @property
+    def state_lost(self) -> StateError | None:
+        return self.stop.state_error
 
     def _state_lost_error(self) -> StateError:
         return StateError(
@@ -215,7 +171,7 @@ class SessionRunner:
                     if not self._wait_for_vm_slot(slots):
                         self.store.update_task(row.id, status=TaskStatus.NOT_PROCESSED, stage=None)  # type: ignore[arg-type]
                         continue
-                    task = VmTask(self, row, provider, repository, block_pool)
+                    task = VmTask(self.config, self.store, self.session, row, self.stop, provider, repository, block_pool)
                     future = vm_pool.submit(task.run)
                     future.add_done_callback(lambda _f: slots.release())
                     futures.append(future)
@@ -268,7 +224,7 @@ class SessionRunner:
         took_effect = bool(count[TaskStatus.CANCELLED] or count[TaskStatus.NOT_PROCESSED])
         if self.stop.mode is StopMode.IMMEDIATE and took_effect:
             return SessionResult.FAILED, f"stopped immediately by user: {count.describe()}"
-        if self.stop.mode is StopMode.GRACEFUL and not self.first_snapshot_begun.is_set():
+        if self.stop.mode is StopMode.GRACEFUL and count[TaskStatus.NOT_PROCESSED] == len(statuses):
             return SessionResult.FAILED, CANCELED_BY_USER
         late = f"{self.stop.mode.value} stop came after every VM had finished; nothing was stopped" \
             if self.stop.mode is not None and not took_effect else None

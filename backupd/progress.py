@@ -1,86 +1,20 @@
-"""A session run by this process (``job start --wait``, and the detached runner): live
-progress, and Ctrl-C / SIGTERM.
-
-The session runs on a thread; the main thread draws the progress view (per VM: status, stage,
-bytes, rate) from the state DB and turns Ctrl-C or SIGTERM into stop requests through the same
-path ``backupd job stop`` uses: the first a graceful stop, the second an immediate one (the
-two-stage shutdown of dramatiq and celery workers).
+"""Progress on a terminal: the live view of a session run in the foreground (``job start
+--wait``, drawn from the state DB: per VM status, stage, bytes, rate) and progress bars for
+long work (restore, verify). Session hosting itself (signals, stops) is in
+:mod:`backupd.host`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
-
-from backupd.enums import SessionResult, StopMode
 
 if TYPE_CHECKING:
     from backupd.service import Backupd
 
-#: seconds between two redraws of the live view
-REFRESH_SECONDS = 0.5
 
-
-def run_in_foreground(service: "Backupd", session_id: int, *, live: bool) -> SessionResult:
-    """Run the session on a thread until it ends; Ctrl-C or SIGTERM stop it in two stages.
-
-    The signal handler only counts signals (STYLE: stopping signals, the loop acts); this
-    thread's loop turns them into stop requests in the state DB: the first a graceful stop,
-    the second an immediate one.
-
-    :param live: draw the progress view on stderr (a terminal).
-    :returns: the session result.
-    """
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = service.run_session(session_id)
-        except BaseException as exc:  # handed to the main thread, which reports it once
-            outcome["error"] = exc
-
-    runner = threading.Thread(target=run, name=f"session-{session_id}")
-    signals: list[int] = []
-    handled = 0
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        signals.append(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        runner.start()
-        view = _LiveView(service, session_id) if live else None
-        with view if view is not None else contextlib.nullcontext():
-            while runner.is_alive():
-                while handled < len(signals):
-                    handled += 1
-                    _request_stop(service, session_id, StopMode.GRACEFUL if handled == 1 else StopMode.IMMEDIATE)
-                if view is not None:
-                    view.draw()
-                runner.join(REFRESH_SECONDS)
-            if view is not None:
-                view.draw()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("result", SessionResult.FAILED)
-
-
-def _request_stop(service: "Backupd", session_id: int, mode: StopMode) -> None:
-    import sys
-
-    outcome, in_force = service.store.request_stop(session_id, mode, None)
-    if in_force is not None:
-        hint = " (Ctrl-C again for an immediate stop)" if in_force is StopMode.GRACEFUL else ""
-        print(f"\n{in_force.value} stop requested for session {session_id}{hint}", file=sys.stderr)
-
-
-class _LiveView:
+class LiveView:
     """The progress table, redrawn in place on stderr."""
 
     def __init__(self, service: "Backupd", session_id: int) -> None:
@@ -92,7 +26,7 @@ class _LiveView:
         self._rates = _Rates()
         self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=False)
 
-    def __enter__(self) -> "_LiveView":
+    def __enter__(self) -> "LiveView":
         self._live.__enter__()
         return self
 
@@ -100,7 +34,13 @@ class _LiveView:
         self._live.__exit__(*exc)  # type: ignore[arg-type]
 
     def draw(self) -> None:
-        self._live.update(_view(self._service, self._session_id, self._rates))
+        """Redraw from the state DB; a moment the DB cannot be read is skipped."""
+        from backupd.errors import StateError
+
+        try:
+            self._live.update(_view(self._service, self._session_id, self._rates))
+        except StateError:
+            pass
 
 
 class _Rates:

@@ -7,10 +7,7 @@ a :class:`~backupd.errors.BackupdError` that knows its exit code.
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,26 +87,19 @@ class Backupd:
         return SessionRunner(self.config, self.store, session_id).run()
 
     def start_detached(self, session_id: int) -> int:
-        """Run a created session in a detached background process that outlives this one.
+        """Run a created session in a detached background process that outlives this one
+        (:func:`backupd.host.spawn_session_process`).
 
         Its output goes to ``logs/session-ID.log`` beside the config file.
 
         :returns: the process id of the runner.
         :raises StateError: the runner could not be started; the session was ended ``failed``.
         """
+        from backupd.host import spawn_session_process
+
         log_path = self.config.path.parent / "logs" / f"session-{session_id}.log"
         try:
-            log_path.parent.mkdir(mode=0o700, exist_ok=True)
-            with open(log_path, "ab", buffering=0) as out:
-                os.chmod(log_path, 0o600)
-                child = subprocess.Popen(
-                    [sys.executable, "-m", "backupd", "-c", str(self.config.path), "job", "run-session", str(session_id)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            child = spawn_session_process(self.config.path, session_id, log_path)
         except OSError as exc:
             text = f"could not start the session's runner process ({log_path}): {exc.strerror or exc}"
             self.store.end_session(session_id, SessionResult.FAILED, text, unfinished=TaskStatus.NOT_PROCESSED)

@@ -33,7 +33,8 @@ from backupd.enums import TaskStatus, TransferMode
 from backupd.errors import BackupdError, RepositoryError, SessionCancelled, StateError
 from backupd.recovery import recover_dead_sessions, snapshot_name
 from backupd.retry import call_with_retry
-from backupd.state import VmTask as VmTaskRow, utcnow
+from backupd.state import JobSession, StateStore, VmTask as VmTaskRow, utcnow
+from backupd.stop import StopSignal
 from providers.base import (
     CbtUnavailable,
     Disk,
@@ -47,7 +48,7 @@ from providers.base import (
 )
 
 if TYPE_CHECKING:
-    from backupd.engine import SessionRunner
+    from backupd.config import Config
     from backupd.repository import DiskWriter, PointWriter, Repository
 
 log = logging.getLogger(__name__)
@@ -96,31 +97,42 @@ class _DiskPlan:
 class VmTask:
     """Processes one VM of a session; :meth:`run` never raises.
 
-    :param runner: the session runner (stop signal, config, state DB).
+    A VM task shares nothing with the runner that started it but the state DB and the
+    session's :class:`~backupd.stop.StopSignal`, so it can run wherever those reach.
+
+    :param config: the validated config (the job's settings, and recovery of a VM lock's dead
+        holder).
+    :param store: the state DB.
+    :param session: the session's row.
     :param row: the VM task's row in the state DB.
+    :param stop: the session's stop signal.
     :param provider: the job's provider.
     :param repository: the job's repository.
-    :param block_pool: the session's pool for hashing, compressing and writing blocks.
+    :param block_pool: the pool hashing, compressing and writing blocks.
     """
 
     def __init__(
         self,
-        runner: "SessionRunner",
+        config: "Config",
+        store: StateStore,
+        session: JobSession,
         row: VmTaskRow,
+        stop: StopSignal,
         provider: Provider,
         repository: "Repository",
         block_pool: Executor,
     ) -> None:
-        self.runner = runner
+        self.config = config
         self.row = row
         self.provider = provider
         self.repository = repository
         self.block_pool = block_pool
-        self.store = runner.store
-        self.job = runner.job
-        self.job_name = runner.session.job
-        self.session_id: int = runner.session.id  # type: ignore[assignment]
-        self.stop = runner.stop
+        self.store = store
+        self.job_name = session.job
+        self.job = config.job(session.job)
+        self.session_id: int = session.id  # type: ignore[assignment]
+        self.full = session.full
+        self.stop = stop
         self.vm_name = row.vm
         self.warnings: list[str] = []
         self._bytes_read = 0
@@ -130,13 +142,13 @@ class VmTask:
     # -- outcome ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Process the VM to its end. A state DB failure (:class:`StateError`) is handed to
-        the runner, which stops the whole session at once: without its state DB a session
+        """Process the VM to its end. A state DB failure (:class:`StateError`) stops the
+        whole session at once (:meth:`StopSignal.lose_state`): without its state DB a session
         cannot record what it does. The snapshot is removed either way."""
         try:
             self._run()
         except StateError as exc:
-            self.runner.lose_state(exc)
+            self.stop.lose_state(exc)
 
     def _run(self) -> None:
         self._update(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow())
@@ -185,7 +197,7 @@ class VmTask:
             if holder is None:
                 return
             if any(dead.id == holder for dead in self.store.dead_sessions()):
-                recover_dead_sessions(self.runner.config, self.store)  # frees the lock of a dead runner
+                recover_dead_sessions(self.config, self.store)  # frees the lock of a dead runner
                 continue
             if not announced:
                 self._log(f"waiting for session {holder}, which is processing this VM")
@@ -205,7 +217,6 @@ class VmTask:
         # not at the next poll, so "stop before the first VM" is exact.
         if self.stop.refresh() is not None:
             raise _NotStarted
-        self.runner.first_snapshot_begun.set()
         self._update(stage="snapshot")
         snapshot = self._create_snapshot(vm)
         try:
@@ -330,7 +341,7 @@ class VmTask:
 
     def _plan(self, snapshot: Snapshot) -> list[_DiskPlan]:
         previous = None
-        if not self.runner.session.full:
+        if not self.full:
             previous, passed_over = self.repository.base_point(vm=self.vm_name, job=self.job_name)
             for damaged in passed_over:
                 self._log(f"restore point {damaged.id} is damaged and is not used as a base: {damaged.problem}",

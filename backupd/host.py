@@ -1,0 +1,131 @@
+"""Hosting one job session in this process: the one place that runs a session for a
+foreground ``job start --wait``, for the detached runner of ``job start``, and for each
+session process of the daemon.
+
+A session process hosts exactly one session. The session runs on a thread; the main thread
+turns SIGINT (Ctrl-C) and SIGTERM into stop requests through the state DB, the same path
+``backupd job stop`` takes: the first a graceful stop, the second an immediate one (the
+two-stage shutdown of dramatiq and celery workers). The signal handler only counts signals;
+this module's loop acts on them.
+
+Run a created session in a process of its own (what ``job start`` and the daemon spawn)::
+
+    python -m backupd.host --config backupd.toml SESSION_ID
+
+Its exit code is the session's (0 success, 1 warning, 2 failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backupd.enums import SessionResult, StopMode
+
+if TYPE_CHECKING:
+    from backupd.service import Backupd
+
+#: seconds between two looks at signals and the live view
+TICK_SECONDS = 0.5
+
+
+def host_session(service: "Backupd", session_id: int, *, tick: Callable[[], None] | None = None) -> SessionResult:
+    """Run a created session to its end in this process, stopping it in two stages on
+    SIGINT/SIGTERM. Call from the main thread (signal handlers live there).
+
+    :param tick: called every :data:`TICK_SECONDS` while the session runs (the live view).
+    :returns: the session result.
+    :raises StateError: the state DB failed (the session was stopped at once, see
+        :meth:`backupd.engine.SessionRunner.run`).
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = service.run_session(session_id)
+        except BaseException as exc:  # handed to this thread, which raises it once
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, name=f"session-{session_id}")
+    signals: list[int] = []
+    handled = 0
+    previous = {sig: signal.signal(sig, lambda signum, _frame: signals.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runner.start()
+        while runner.is_alive():
+            while handled < len(signals):
+                handled += 1
+                _request_stop(service, session_id, StopMode.GRACEFUL if handled == 1 else StopMode.IMMEDIATE)
+            if tick is not None:
+                tick()
+            runner.join(TICK_SECONDS)
+        if tick is not None:
+            tick()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result", SessionResult.FAILED)
+
+
+def _request_stop(service: "Backupd", session_id: int, mode: StopMode) -> None:
+    outcome, in_force = service.store.request_stop(session_id, mode, None)
+    if in_force is not None:
+        hint = " (again for an immediate stop)" if in_force is StopMode.GRACEFUL else ""
+        print(f"\n{in_force.value} stop requested for session {session_id}{hint}", file=sys.stderr)
+    elif outcome == "too_late":
+        print(f"\nsession {session_id} is finishing; nothing is left to stop", file=sys.stderr)
+
+
+def spawn_session_process(config_path: Path, session_id: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m backupd.host`` for a created session, in a new process session (so a
+    Ctrl-C in the caller's terminal does not reach it), output appended to ``log_path``.
+
+    :raises OSError: the process or its log file could not be created.
+    """
+    log_path.parent.mkdir(mode=0o700, exist_ok=True)
+    with open(log_path, "ab", buffering=0) as out:
+        log_path.chmod(0o600)
+        return subprocess.Popen(
+            [sys.executable, "-m", "backupd.host", "--config", str(config_path), str(session_id)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m backupd.host --config PATH SESSION_ID``: host one created session."""
+    from backupd.cli import configure_logging
+    from backupd.config import load_config
+    from backupd.errors import BackupdError
+    from backupd.service import Backupd
+
+    parser = argparse.ArgumentParser(prog="python -m backupd.host", description=main.__doc__)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("session_id", type=int)
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        service = Backupd(load_config(args.config))
+        try:
+            return host_session(service, args.session_id).exit_code
+        finally:
+            service.close()
+    except BackupdError as exc:
+        print(f"backupd: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
