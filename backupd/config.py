@@ -40,6 +40,11 @@ PROVIDER_TYPES: dict[str, type[BaseModel]] = {"simulated": SimulatedProviderConf
 
 #: longest stop message accepted (characters), as in the stop contract
 MAX_STOP_MESSAGE = 320
+#: most restore points kept per VM of a job
+MAX_RETENTION = 10_000
+#: longest wait for a VM another session is processing, in seconds (7 days: a weekly job's
+#: VM lock never waits past the next week's run)
+MAX_VM_LOCK_TIMEOUT_SECONDS = 7 * 24 * 3600.0
 
 
 class StateConfig(BaseModel):
@@ -109,10 +114,10 @@ class RetryConfig(BaseModel):
 
     model_config = _FROZEN
 
-    #: total tries of one operation, the first included
+    #: total tries of one operation, the first included, 1 to 100
     attempts: int = Field(default=3, ge=1, le=100)
-    #: seconds between tries
-    wait_seconds: float = Field(default=5.0, ge=0, le=3600)
+    #: seconds between tries, 0 to 3600
+    wait_seconds: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
 
 
 class JobConfig(BaseModel):
@@ -124,14 +129,16 @@ class JobConfig(BaseModel):
     repository: str
     #: VM names in processing order
     vms: list[str] = Field(min_length=1)
+    #: VMs processed at once, 1 to 64
     max_parallel_vms: int = Field(default=1, ge=1, le=64)
     #: quiesce the guest before the snapshot; a failure falls back to crash-consistent
     quiesce: bool = False
-    #: restore points kept per VM of this job
-    retention: int = Field(default=7, ge=1)
+    #: restore points kept per VM of this job, 1 to 10,000
+    retention: int = Field(default=7, ge=1, le=MAX_RETENTION)
     retry: RetryConfig = RetryConfig()
-    #: seconds a VM task waits for a VM another session is processing before it fails
-    vm_lock_timeout_seconds: float = Field(default=600.0, ge=0)
+    #: seconds a VM task waits for a VM another session is processing before it fails, 0 to
+    #: 604,800 (7 days)
+    vm_lock_timeout_seconds: float = Field(default=600.0, ge=0, le=MAX_VM_LOCK_TIMEOUT_SECONDS, allow_inf_nan=False)
     description: str = ""
 
     @field_validator("vms")
