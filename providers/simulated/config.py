@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, PlainValidator, TypeAdapter, field_validator
 
-from providers.config_types import ConfigPath, Name, check_path_text
+from providers.config_types import FolderPath, Name, check_path_text
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _SIZE = TypeAdapter(ByteSize)
@@ -78,7 +78,7 @@ class SimulatedProviderConfig(BaseModel):
 
     type: Literal["simulated"]
     #: folder holding the VMs, disks, snapshots, CBT logs and faults; shared by every process
-    state_dir: ConfigPath
+    state_dir: FolderPath
     #: per-disk read throttle in MiB/s: 0 (unthrottled) or 0.01 to 1,000,000
     read_mib_per_s: float = Field(default=0.0, ge=0, le=MAX_READ_MIB_PER_S, allow_inf_nan=False)
     #: seconds a snapshot creation takes, 0 to 3600

@@ -92,6 +92,36 @@ CASES = [
      "repositories.local.compression_level", "finite number"),
     ("block size 16 EiB", ('block_size = "1 MiB"', 'block_size = "16 EiB"'), "repositories.local.block_size", "power of two"),
     ("block size negative", ('block_size = "1 MiB"', "block_size = -1048576"), "repositories.local.block_size", "could not parse"),
+    # the state DB URL: a SQLAlchemy URL of a dialect SQLAlchemy has
+    ("state URL not a URL", ('url = "sqlite:///state.db"', 'url = "not a url"'), "state.url", "not a database URL"),
+    ("state URL empty", ('url = "sqlite:///state.db"', 'url = ""'), "state.url", "not a database URL"),
+    ("state URL unknown dialect", ('url = "sqlite:///state.db"', 'url = "foo://x"'), "state.url", "unknown database dialect 'foo'"),
+    ("state URL unknown dialect, no host", ('url = "sqlite:///state.db"', 'url = "mysqlx://"'), "state.url", "unknown database dialect 'mysqlx'"),
+    ("state URL unknown driver", ('url = "sqlite:///state.db"', 'url = "postgresql+nodriver://u:hunter2@db/backupd"'),
+     "state.url", "unknown database dialect 'postgresql+nodriver'"),
+    ("state URL asyncio driver", ('url = "sqlite:///state.db"', 'url = "postgresql+asyncpg://u:hunter2@db/backupd"'),
+     "state.url", "asyncio driver"),
+    ("state URL SQLite file is a folder", ('url = "sqlite:///state.db"', 'url = "sqlite:///a-folder"'), "state.url", "a folder, not a database file"),
+    ("state URL SQLite under a file", ('url = "sqlite:///state.db"', 'url = "sqlite:///a-file/state.db"'), "state.url", "is a file, not a folder"),
+    # folders: where a folder is to be, a file is refused
+    ("repository path is a file", ('path = "repo"', 'path = "a-file"'), "repositories.local.path", "a-file is a file, not a folder"),
+    ("repository path under a file", ('path = "repo"', 'path = "a-file/repo"'), "repositories.local.path", "a-file is a file, not a folder"),
+    ("repository path empty", ('path = "repo"', 'path = ""'), "repositories.local.path", "cannot be empty"),
+    ("repository path with NUL", ('path = "repo"', 'path = "re\\u0000po"'), "repositories.local.path", "NUL"),
+    ("state_dir is a file", ('state_dir = "lab"', 'state_dir = "a-file"'), "providers.lab.state_dir", "a-file is a file, not a folder"),
+    ("state_dir empty", ('state_dir = "lab"', 'state_dir = ""'), "providers.lab.state_dir", "cannot be empty"),
+    # names: not empty, no control characters
+    ("job name empty", ("[jobs.nightly]", '[jobs.""]'), 'jobs.""', "cannot be empty"),
+    ("job name blank", ("[jobs.nightly]", '[jobs." "]'), 'jobs." "', "cannot be empty"),
+    ("job name with NUL", ("[jobs.nightly]", '[jobs."night\\u0000ly"]'), 'jobs."night\\u0000ly"', "control characters"),
+    ("job name too long", ("[jobs.nightly]", f"[jobs.{'n' * 256}]"), f"jobs.{'n' * 256}", "at most 255 characters"),
+    ("provider name empty", ("[providers.lab]", '[providers.""]'), 'providers.""', "cannot be empty"),
+    ("repository name with escape", ("[repositories.local]", '[repositories."lo\\u001bcal"]'), 'repositories."lo\\u001bcal"', "control characters"),
+    ("VM name empty", ('name = "web-01"', 'name = ""'), "providers.lab.vms.0.name", "cannot be empty"),
+    ("VM name with newline", ('name = "web-01"', 'name = "web\\n01"'), "providers.lab.vms.0.name", "control characters"),
+    ("VM name with spaces around", ('name = "web-01"', 'name = " web-01"'), "providers.lab.vms.0.name", "begin or end with spaces"),
+    ("job VM name with NUL", ('vms = ["web-01"]', 'vms = ["web\\u000001"]'), "jobs.nightly.vms.0", "control characters"),
+    ("job VM name empty", ('vms = ["web-01"]', 'vms = [""]'), "jobs.nightly.vms.0", "cannot be empty"),
 ]
 
 
@@ -106,12 +136,13 @@ def write(tmp_path: Path, text: str | bytes) -> Path:
 
 def refused(path: Path) -> ConfigError:
     """The ConfigError loading ``path`` raises, after checking what every refusal shares."""
+    before = sorted(path.parent.rglob("*"))
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     error = caught.value
     assert error.exit_code == 78
     assert str(error).startswith("invalid config\n") and str(path) in str(error)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["backupd.toml"], "nothing was created"
+    assert sorted(path.parent.rglob("*")) == before, "nothing was created"
     return error
 
 
@@ -128,8 +159,34 @@ def test_bad_value_is_refused_naming_file_key_path_and_line(tmp_path: Path, chan
     text = VALID.replace(old, new)
     line = VALID[: VALID.index(old)].count("\n") + 1
     path = write(tmp_path, text)
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
 
     error = refused(path)
 
     assert any(k == key and ln == line and words in t for k, ln, t in error.problems), error.problems
     assert f"{path}:{line}: {key}: " in str(error), str(error)
+    assert "hunter2" not in str(error), "a password is never shown"
+
+
+def test_a_config_file_that_is_not_utf8_names_the_line_and_byte_of_the_first_bad_byte(tmp_path: Path) -> None:
+    """Given a config saved in Latin-1 (an "é" in a job description on line 21), when it is
+    loaded, then it is refused as not UTF-8 text, naming the line and the byte offset."""
+    text = VALID.replace("[jobs.nightly]", '[jobs.nightly]\ndescription = "caf\u00e9"')
+    data = text.encode("latin-1")
+    path = write(tmp_path, data)
+
+    error = refused(path)
+
+    ((key, line, words),) = error.problems
+    offset = data.index(b"\xe9")
+    assert (key, line) == ("", 21)
+    assert words == f"not UTF-8 text: byte 0xe9 at line 21 (byte offset {offset}) cannot be decoded; save the file as UTF-8"
+    assert f"{path}:21: not UTF-8 text" in str(error)
+
+
+def test_a_utf16_config_file_is_refused_as_not_utf8(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.encode("utf-16"))
+    ((_, line, words),) = refused(path).problems
+    assert line == 1 and words.startswith("not UTF-8 text: byte 0xff at line 1 (byte offset 0)")
+
