@@ -9,6 +9,7 @@ otherwise.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,25 @@ def test_a_utf16_config_file_is_refused_as_not_utf8(tmp_path: Path) -> None:
     ((_, line, words),) = refused(path).problems
     assert line == 1 and words.startswith("not UTF-8 text: byte 0xff at line 1 (byte offset 0)")
 
+
+def test_a_state_db_whose_driver_is_not_installed_is_a_state_error_without_the_password(monkeypatch) -> None:
+    """A known dialect whose DBAPI package is missing is not a config error (the package may be
+    installed later): opening the DB says which module is missing, and hides the password."""
+    from backupd.errors import StateError
+    from backupd.state import StateStore
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg fails, installed or not
+    with pytest.raises(StateError) as caught:
+        StateStore("postgresql+psycopg://backupd:hunter2@db.invalid/backupd")
+    message = str(caught.value)
+    assert "driver is not installed" in message and "'psycopg'" in message, message
+    assert "hunter2" not in message and "backupd:***@db.invalid" in message, message
+
+
+def test_a_sqlite_state_db_under_a_file_is_a_state_error(tmp_path: Path) -> None:
+    from backupd.errors import StateError
+    from backupd.state import StateStore
+
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(StateError, match="cannot open the state DB .*a-file"):
+        StateStore(f"sqlite:///{tmp_path}/a-file/state.db")
