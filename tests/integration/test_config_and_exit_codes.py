@@ -9,21 +9,22 @@ from labkit import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_USAGE, Lab
 
 VALID = """\
 [state]
-url = "sqlite:///state.db"
+url = {state_url}
 
 [repositories.local]
-path = "repo"
+path = {repository_path}
 {repository_extra}
 
 [providers.lab]
 type = "simulated"
 state_dir = "lab"
+{provider_extra}
 
 [[providers.lab.vms]]
 name = "web-01"
 disks = [{disk}]
 
-[jobs.nightly]
+[jobs.{job_name}]
 provider = {provider}
 repository = {repository}
 vms = {vms}
@@ -32,7 +33,11 @@ max_parallel_vms = {max_parallel_vms}
 """
 
 DEFAULTS = {
+    "state_url": '"sqlite:///state.db"',
+    "repository_path": '"repo"',
     "repository_extra": "",
+    "provider_extra": "",
+    "job_name": "nightly",
     "disk": '"32 MiB"',
     "provider": '"lab"',
     "repository": '"local"',
@@ -55,6 +60,21 @@ BAD_CONFIGS = [
         {"job_extra": '\n[jobs.nightly]\nprovider = "lab"\nrepository = "local"\nvms = ["web-01"]'},
         "jobs.nightly",
     ),
+    # bad input (issue 7, section 5): each of these was accepted, or crashed with exit 2
+    ("disk larger than 62 TiB", {"disk": '"16 EiB"'}, "providers.lab.vms.0.disks.0: disk size '16 EiB' is too large"),
+    ("negative disk size", {"disk": '"-1 GiB"'}, "providers.lab.vms.0.disks.0: bad size string"),
+    ("snapshot seconds inf", {"provider_extra": "snapshot_create_seconds = inf"}, "providers.lab.snapshot_create_seconds"),
+    ("snapshot seconds 1e300", {"provider_extra": "snapshot_remove_seconds = 1e300"}, "providers.lab.snapshot_remove_seconds"),
+    ("read throttle nan", {"provider_extra": "read_mib_per_s = nan"}, "providers.lab.read_mib_per_s"),
+    ("retention huge", {"job_extra": "retention = 99999999999999999999999"}, "jobs.nightly.retention"),
+    ("VM lock timeout inf", {"job_extra": "vm_lock_timeout_seconds = inf"}, "jobs.nightly.vm_lock_timeout_seconds"),
+    ("state URL not a URL", {"state_url": '"not a url"'}, "state.url: not a database URL"),
+    ("state URL empty", {"state_url": '""'}, "state.url: not a database URL"),
+    ("state URL unknown dialect", {"state_url": '"mysqlx://backupd:hunter2@db/backupd"'}, "state.url: unknown database dialect"),
+    ("repository path is a file", {"repository_path": '"backupd.toml"'}, "repositories.local.path"),
+    ("repository path under a file", {"repository_path": '"backupd.toml/repo"'}, "repositories.local.path"),
+    ("empty job name", {"job_name": '""'}, 'jobs."": a name cannot be empty'),
+    ("NUL in a job's VM name", {"vms": '["web\\u000001"]'}, "jobs.nightly.vms.0: a name cannot contain control characters"),
 ]
 
 
@@ -81,7 +101,25 @@ def test_invalid_config_is_refused_with_exit_78_naming_file_and_key_and_nothing_
         assert str(lab.config) in proc.stderr, f"stderr names the file: {proc.stderr!r}"
         assert key_path in proc.stderr, f"stderr names {key_path}: {proc.stderr!r}"
         assert proc.stdout == "", "no JSON document for a refused config"
+        assert "Traceback" not in proc.stderr and "hunter2" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in lab.site.iterdir()) == ["backupd.toml"], "nothing else was created"
+
+
+def test_a_config_file_that_is_not_utf8_exits_78_naming_line_and_byte(lab: Lab) -> None:
+    """Given the valid config saved in Latin-1 with an "é" in a comment on its last line, when
+    a job is started, then it exits 78 naming the file, the line and the byte offset, and
+    nothing is created."""
+    text = VALID.format(**DEFAULTS) + "# café\n"
+    data = text.encode("latin-1")
+    lab.config.write_bytes(data)
+    line, offset = text.count("\n"), data.index("é".encode("latin-1"))
+
+    proc = lab.run("job", "start", "nightly", "--wait")
+
+    assert proc.returncode == EXIT_CONFIG, proc
+    assert f"{lab.config}:{line}: not UTF-8 text: byte 0xe9 at line {line} (byte offset {offset})" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in lab.site.iterdir()) == ["backupd.toml"]
 
 
 def test_unknown_job_exits_4_for_start_and_stop(lab: Lab) -> None:
@@ -140,3 +178,4 @@ def test_a_runner_that_cannot_start_exits_2_and_ends_its_session_failed(lab: Lab
     assert (doc["state"], doc["result"]) == ("stopped", "failed")
     assert [vm["status"] for vm in doc["vms"]] == ["not_processed"]
     assert lab.run("job", "stop", "nightly").returncode == 3
+
