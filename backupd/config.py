@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,8 @@ class StateConfig(BaseModel):
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+        if any(unicodedata.category(char) == "Cc" for char in url):
+            raise ValueError("a database URL cannot contain control characters (NUL, newline ...)")
         try:
             parsed = make_url(url)
         except (ArgumentError, ValueError):
@@ -119,7 +122,7 @@ class RepositoryConfig(BaseModel):
     #: fixed block size of a new repository (an existing one keeps its own)
     block_size: ByteSize = ByteSize(1 << 20)
     #: zstd level, 1 (fast) to 19 (small)
-    compression_level: int = Field(default=3, ge=1, le=19)
+    compression_level: int = Field(default=3, ge=1, le=19, strict=True)
 
     def open(self, *, create: bool) -> "Repository":
         """Open this repository.
@@ -148,7 +151,7 @@ class RetryConfig(BaseModel):
     model_config = _FROZEN
 
     #: total tries of one operation, the first included, 1 to 100
-    attempts: int = Field(default=3, ge=1, le=100)
+    attempts: int = Field(default=3, ge=1, le=100, strict=True)
     #: seconds between tries, 0 to 3600
     wait_seconds: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
 
@@ -163,11 +166,11 @@ class JobConfig(BaseModel):
     #: VM names in processing order
     vms: list[Name] = Field(min_length=1)
     #: VMs processed at once, 1 to 64
-    max_parallel_vms: int = Field(default=1, ge=1, le=64)
+    max_parallel_vms: int = Field(default=1, ge=1, le=64, strict=True)
     #: quiesce the guest before the snapshot; a failure falls back to crash-consistent
     quiesce: bool = False
     #: restore points kept per VM of this job, 1 to 10,000
-    retention: int = Field(default=7, ge=1, le=MAX_RETENTION)
+    retention: int = Field(default=7, ge=1, le=MAX_RETENTION, strict=True)
     retry: RetryConfig = RetryConfig()
     #: seconds a VM task waits for a VM another session is processing before it fails, 0 to
     #: 604,800 (7 days)

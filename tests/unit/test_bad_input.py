@@ -90,7 +90,10 @@ CASES = [
     ("compression level 20", ("compression_level = 3", "compression_level = 20"),
      "repositories.local.compression_level", "less than or equal to 19"),
     ("compression level nan", ("compression_level = 3", "compression_level = nan"),
-     "repositories.local.compression_level", "finite number"),
+     "repositories.local.compression_level", "valid integer"),
+    ("compression level true", ("compression_level = 3", "compression_level = true"),
+     "repositories.local.compression_level", "valid integer"),
+    ("retention 7.5", ("retention = 7", "retention = 7.5"), "jobs.nightly.retention", "valid integer"),
     ("block size 16 EiB", ('block_size = "1 MiB"', 'block_size = "16 EiB"'), "repositories.local.block_size", "power of two"),
     ("block size negative", ('block_size = "1 MiB"', "block_size = -1048576"), "repositories.local.block_size", "could not parse"),
     # the state DB URL: a SQLAlchemy URL of a dialect SQLAlchemy has
@@ -102,6 +105,7 @@ CASES = [
      "state.url", "unknown database dialect 'postgresql+nodriver'"),
     ("state URL asyncio driver", ('url = "sqlite:///state.db"', 'url = "postgresql+asyncpg://u:hunter2@db/backupd"'),
      "state.url", "asyncio driver"),
+    ("state URL with NUL", ('url = "sqlite:///state.db"', 'url = "sqlite:///state\\u0000.db"'), "state.url", "control characters"),
     ("state URL SQLite file is a folder", ('url = "sqlite:///state.db"', 'url = "sqlite:///a-folder"'), "state.url", "a folder, not a database file"),
     ("state URL SQLite under a file", ('url = "sqlite:///state.db"', 'url = "sqlite:///a-file/state.db"'), "state.url", "is a file, not a folder"),
     # folders: where a folder is to be, a file is refused
