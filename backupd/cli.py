@@ -57,8 +57,9 @@ class _Text(click.ParamType):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raw = text.encode("utf-8", "surrogateescape")[exc.start : exc.start + 1]
-            self.fail(f"{text!r} is not UTF-8 text (byte 0x{raw.hex() or '??'} at character {exc.start + 1})", param, ctx)
+            code = ord(text[exc.start])  # Python hands an undecodable byte B over as U+DC00 + B
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            self.fail(f"{text!r} is not UTF-8 text ({what} at character {exc.start + 1})", param, ctx)
         control = next((char for char in text if unicodedata.category(char) == "Cc"), None)
         if control is not None:
             self.fail(f"{text!r} contains a control character ({control!r})", param, ctx)

@@ -217,3 +217,24 @@ def test_a_sqlite_state_db_under_a_file_is_a_state_error(tmp_path: Path) -> None
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(StateError, match="cannot open the state DB .*a-file"):
         StateStore(f"sqlite:///{tmp_path}/a-file/state.db")
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["job", "start", "night\0ly"], "contains a control character ('\\x00')"),
+        (["job", "start", "night\udcffly"], "is not UTF-8 text (byte 0xff at character 6)"),
+        (["sim", "write", "\ud800", "--blocks", "1"], "is not UTF-8 text (lone surrogate U+D800 at character 1)"),
+        (["job", "stop", "nightly", "--message", "two\nlines"], "contains a control character ('\\n')"),
+    ],
+    ids=["NUL", "undecodable byte", "lone surrogate", "newline in a message"],
+)
+def test_a_name_that_is_not_text_is_a_usage_error_before_the_config_is_read(tmp_path: Path, capsys, argv, words) -> None:
+    """Arguments that cannot come from a shell (a NUL, a surrogate outside Python's
+    surrogateescape range) can come from a caller of :func:`backupd.cli.main`: refused alike."""
+    from backupd.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["-c", str(tmp_path / "absent.toml"), *argv])
+    assert caught.value.code == 64
+    assert words in capsys.readouterr().err
