@@ -7,6 +7,12 @@ running session to stop, 4 not found, 64 usage error, 78 config error.
 
 Heavy modules (SQLAlchemy, the engine, the repository, rich) are imported inside the commands
 that need them, so ``backupd --help`` starts fast.
+
+Arguments are checked by their click types before anything is opened: names and messages are
+UTF-8 text without control characters (:data:`TEXT`), paths are not empty, numbers are in a
+stated range (``--limit`` at most :data:`MAX_LIST_LIMIT`); a session id beyond the state DB's
+integers (``2**63 - 1``) is simply not found (exit 4). A simulated hypervisor call with an
+argument out of range (``--disk``, ``--blocks``, ``--offset``) is a usage error (64) naming it.
 """
 
 from __future__ import annotations
@@ -19,10 +25,68 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from backupd.errors import BackupdError, UsageError
+from backupd.errors import BackupdError, NotFoundError, UsageError
 
 if TYPE_CHECKING:
     from backupd.service import Backupd
+
+#: most sessions ``session list`` prints (``--limit``)
+MAX_LIST_LIMIT = 100_000
+#: largest session id there can be: the state DB's integers are signed 64-bit
+MAX_SESSION_ID = 2**63 - 1
+#: most transient failures ``sim fault --times`` arms
+MAX_FAULT_TIMES = 1_000_000
+
+
+class _Text(click.ParamType):
+    """A name or message from the command line: text that is valid UTF-8 (an argument whose
+    bytes are not arrives with lone surrogates) and has no control characters.
+
+    :param empty_ok: whether the empty string is accepted.
+    """
+
+    name = "text"
+
+    def __init__(self, *, empty_ok: bool = False) -> None:
+        self.empty_ok = empty_ok
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        import unicodedata
+
+        text = str(value)
+        if not text and not self.empty_ok:
+            self.fail("cannot be empty", param, ctx)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(text[exc.start])  # Python hands an undecodable byte B over as U+DC00 + B
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            self.fail(f"{text!r} is not UTF-8 text ({what} at character {exc.start + 1})", param, ctx)
+        control = next((char for char in text if unicodedata.category(char) == "Cc"), None)
+        if control is not None:
+            self.fail(f"{text!r} contains a control character ({control!r})", param, ctx)
+        return text
+
+
+#: a job, VM, provider or restore point name or id
+TEXT = _Text()
+
+
+class _PathArg(click.Path):
+    """``click.Path`` that refuses the empty string (which would mean the working directory)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value:
+            self.fail("cannot be empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _session_in_range(session_id: int) -> int:
+    """``session_id`` if the state DB can hold it; else :class:`NotFoundError`, as for any id
+    no session has."""
+    if not 1 <= session_id <= MAX_SESSION_ID:
+        raise NotFoundError(f"no session {session_id}")
+    return session_id
 
 
 class _Context:
@@ -60,7 +124,7 @@ def _default_config() -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    "-c", "--config", "config_path", type=_PathArg(dir_okay=False, path_type=Path),
     default=_default_config, show_default="$BACKUPD_CONFIG, else ./backupd.toml",
     help="The config file.",
 )
@@ -113,7 +177,7 @@ def job_list(ctx: _Context, as_json: bool) -> None:
 
 
 @job.command("start")
-@click.argument("job_name", metavar="JOB")
+@click.argument("job_name", metavar="JOB", type=TEXT)
 @click.option("--wait", is_flag=True, help="Run in the foreground with a live progress view; exit code by result.")
 @click.option("--full", is_flag=True, help="Read every disk in full, whatever changed block tracking allows.")
 @json_option
@@ -156,12 +220,13 @@ def job_start(ctx: _Context, job_name: str, wait: bool, full: bool, as_json: boo
 
 
 @job.command("stop")
-@click.argument("jobs", metavar="JOB...", nargs=-1, required=True)
+@click.argument("jobs", metavar="JOB...", nargs=-1, required=True, type=TEXT)
 @click.option("--graceful", "mode", flag_value="graceful", default=True,
               help="Start no new VM; VMs in flight finish their restore points (default).")
 @click.option("--immediate", "mode", flag_value="immediate",
               help="Cancel VMs in flight, remove this session's snapshots; result failed.")
-@click.option("--message", help="Why; stored with each stopped session (at most 320 characters).")
+@click.option("--message", type=_Text(empty_ok=True),
+              help="Why, on one line; stored with each stopped session (at most 320 characters).")
 @click.option("--wait", is_flag=True, help="Wait until every stopped session has ended.")
 @json_option
 @pass_ctx
@@ -199,8 +264,9 @@ def session() -> None:
 
 
 @session.command("list")
-@click.option("--job", "job_name", help="Only this job's sessions.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--job", "job_name", type=TEXT, help="Only this job's sessions.")
+@click.option("--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=50, show_default=True,
+              help=f"Print at most this many sessions (1 to {MAX_LIST_LIMIT:,}).")
 @json_option
 @pass_ctx
 def session_list(ctx: _Context, job_name: str | None, limit: int, as_json: bool) -> None:
@@ -227,6 +293,7 @@ def session_show(ctx: _Context, session_id: int, as_json: bool) -> None:
     from backupd.render import session_document, session_text
 
     store = ctx.service.store
+    session_id = _session_in_range(session_id)
     document = session_document(store.session(session_id), store.tasks(session_id), store.log_lines(session_id))
     if as_json:
         _print_json(document)
@@ -243,8 +310,8 @@ def restore_point() -> None:
 
 
 @restore_point.command("list")
-@click.option("--vm", help="Only this VM's restore points.")
-@click.option("--job", "job_name", help="Only this job's restore points.")
+@click.option("--vm", type=TEXT, help="Only this VM's restore points.")
+@click.option("--job", "job_name", type=TEXT, help="Only this job's restore points.")
 @json_option
 @pass_ctx
 def restore_point_list(ctx: _Context, vm: str | None, job_name: str | None, as_json: bool) -> None:
@@ -282,7 +349,7 @@ def restore_point_delete(ctx: _Context, point_ids: tuple[str, ...], as_json: boo
 
 
 @restore_point.command("verify")
-@click.argument("point_ids", metavar="[ID ...]", nargs=-1)
+@click.argument("point_ids", metavar="[ID ...]", nargs=-1, type=TEXT)
 @click.option("--all", "verify_all", is_flag=True, help="Verify every restore point.")
 @json_option
 @pass_ctx
@@ -306,9 +373,9 @@ def restore_point_verify(ctx: _Context, point_ids: tuple[str, ...], verify_all: 
 
 
 @cli.command("restore")
-@click.argument("vm")
-@click.option("--point", "point_id", help="The restore point (default: the VM's newest).")
-@click.option("--to", "to_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.argument("vm", type=TEXT)
+@click.option("--point", "point_id", type=TEXT, help="The restore point (default: the VM's newest).")
+@click.option("--to", "to_dir", required=True, type=_PathArg(file_okay=False, path_type=Path),
               help="Folder to write one raw image per disk into.")
 @json_option
 @pass_ctx
@@ -335,7 +402,7 @@ def vm() -> None:
 
 
 @vm.command("list")
-@click.option("--provider", "provider_name", help="Only this provider's VMs.")
+@click.option("--provider", "provider_name", type=TEXT, help="Only this provider's VMs.")
 @json_option
 @pass_ctx
 def vm_list(ctx: _Context, provider_name: str | None, as_json: bool) -> None:
@@ -343,7 +410,7 @@ def vm_list(ctx: _Context, provider_name: str | None, as_json: bool) -> None:
     from backupd.render import size, table
 
     service = ctx.service
-    names = [provider_name] if provider_name else sorted(service.config.providers)
+    names = [provider_name] if provider_name is not None else sorted(service.config.providers)
     rows = []
     for name in names:
         provider = service.provider(name)
@@ -375,16 +442,17 @@ def sim() -> None:
     """The simulated hypervisor: guest writes, faults, CBT reset."""
 
 
-provider_option = click.option("--provider", "provider_name", help="The simulated provider (when several have the VM).")
+provider_option = click.option("--provider", "provider_name", type=TEXT,
+                               help="The simulated provider (when several have the VM).")
 
 
 @sim.command("write")
-@click.argument("vm")
+@click.argument("vm", type=TEXT)
 @provider_option
 @click.option("--disk", type=click.IntRange(min=0), default=0, show_default=True, help="Disk index.")
 @click.option("--blocks", type=click.IntRange(min=1), help="Write this many random 1 MiB blocks at random offsets.")
 @click.option("--seed", type=int, help="Seed for --blocks, for a reproducible write.")
-@click.option("--file", "file_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--file", "file_path", type=_PathArg(exists=True, dir_okay=False, path_type=Path),
               help="Write this file's bytes ...")
 @click.option("--offset", type=click.IntRange(min=0), help="... at this byte offset.")
 @json_option
@@ -396,11 +464,18 @@ def sim_write(ctx: _Context, vm: str, provider_name: str | None, disk: int, bloc
         raise UsageError("give either --blocks K or --file PATH --offset BYTES")
     if file_path is not None and offset is None:
         raise UsageError("--file needs --offset BYTES")
+    from providers.simulated import InvalidArgument
+
     provider = ctx.service.simulated_provider(vm, provider_name)
-    if blocks is not None:
-        extents = provider.write_random_blocks(vm, disk=disk, blocks=blocks, seed=seed)
-    else:
-        extents = [provider.write_data(vm, disk=disk, offset=offset, data=file_path.read_bytes())]  # type: ignore[arg-type, union-attr]
+    try:
+        if blocks is not None:
+            extents = provider.write_random_blocks(vm, disk=disk, blocks=blocks, seed=seed)
+        else:
+            extents = [provider.write_data(vm, disk=disk, offset=offset, data=file_path.read_bytes())]  # type: ignore[arg-type, union-attr]
+    except InvalidArgument as exc:
+        given = {"disk": f"--disk {disk}", "blocks": f"--blocks {blocks}", "offset": f"--offset {offset}",
+                 "data": f"--file {file_path}"}.get(exc.argument or "")
+        raise UsageError(f"{given}: {exc}" if given else str(exc)) from exc
     written = [{"offset": e.offset, "length": e.length} for e in extents]
     if as_json:
         _print_json({"vm": vm, "disk": disk, "extents": written})
@@ -409,12 +484,12 @@ def sim_write(ctx: _Context, vm: str, provider_name: str | None, disk: int, bloc
 
 
 @sim.command("fault")
-@click.argument("vm")
+@click.argument("vm", type=TEXT)
 @provider_option
 @click.option("--op", type=click.Choice(["create_snapshot", "quiesce", "remove_snapshot", "read"]),
               help="The operation that fails.")
-@click.option("--times", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Fail the next N calls with a transient (retried) error.")
+@click.option("--times", type=click.IntRange(1, MAX_FAULT_TIMES), default=1, show_default=True,
+              help=f"Fail the next N calls with a transient (retried) error (1 to {MAX_FAULT_TIMES:,}).")
 @click.option("--permanent", is_flag=True, help="Fail every call with a non-transient error until --clear.")
 @click.option("--clear", is_flag=True, help="Remove every fault of the VM.")
 @json_option
@@ -437,7 +512,7 @@ def sim_fault(ctx: _Context, vm: str, provider_name: str | None, op: str | None,
 
 
 @sim.command("cbt-reset")
-@click.argument("vm")
+@click.argument("vm", type=TEXT)
 @provider_option
 @json_option
 @pass_ctx
@@ -477,6 +552,7 @@ def configure_logging() -> None:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the CLI and exit with the code the outcome maps to."""
     from providers.base import ProviderError, VmNotFound
+    from providers.simulated._errors import InvalidArgument  # light: not the whole simulator
 
     configure_logging()
     code = 0
@@ -496,6 +572,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except VmNotFound as exc:
         click.echo(f"backupd: {exc}", err=True)
         code = 4
+    except InvalidArgument as exc:  # an administration call's argument out of range
+        click.echo(f"backupd: {exc}", err=True)
+        code = 64
     except ProviderError as exc:
         click.echo(f"backupd: provider error: {exc}", err=True)
         code = 2

@@ -12,9 +12,11 @@ relative SQLite database) are relative to the folder of the config file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +26,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
 from backupd.errors import ConfigError
+from providers.config_types import FolderPath, Name, absolute, refuse_files_on_the_way
 from providers.simulated.config import SimulatedProviderConfig
 
 if TYPE_CHECKING:
@@ -40,20 +44,56 @@ PROVIDER_TYPES: dict[str, type[BaseModel]] = {"simulated": SimulatedProviderConf
 
 #: longest stop message accepted (characters), as in the stop contract
 MAX_STOP_MESSAGE = 320
+#: most restore points kept per VM of a job
+MAX_RETENTION = 10_000
+#: longest wait for a VM another session is processing, in seconds (7 days: a weekly job's
+#: VM lock never waits past the next week's run)
+MAX_VM_LOCK_TIMEOUT_SECONDS = 7 * 24 * 3600.0
 
 
 class StateConfig(BaseModel):
     """``[state]``: where the state DB lives (a SQLAlchemy URL).
 
+    The URL must parse (``sqlalchemy.engine.make_url``) and name a dialect and driver SQLAlchemy
+    knows (``sqlite``, ``postgresql+psycopg`` ...), a synchronous one; whether the driver's
+    package is installed is found when the DB is opened. A SQLite database must be a file:
+    the URL is refused when it names a folder, or a path through a file.
+
     The password of a server database is best kept out of the file: name an environment
     variable in ``password_env`` and it is read when the DB is opened, never stored in the
-    config object, printed or logged.
+    config object, printed or logged. No message about the URL ever shows a password.
     """
 
     model_config = _FROZEN
 
     url: str = "sqlite:///state.db"
     password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @field_validator("url")
+    @classmethod
+    def _a_known_database(cls, url: str, info: ValidationInfo) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        if any(unicodedata.category(char) == "Cc" for char in url):
+            raise ValueError("a database URL cannot contain control characters (NUL, newline ...)")
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL (e.g. 'sqlite:///state.db', 'postgresql+psycopg://user@host/db')") from None
+        try:
+            dialect = parsed.get_dialect()
+        except NoSuchModuleError:
+            raise ValueError(f"unknown database dialect {parsed.drivername!r} (e.g. 'sqlite', 'postgresql+psycopg')") from None
+        if getattr(dialect, "is_async", False):
+            raise ValueError(f"{parsed.drivername!r} is an asyncio driver; backupd needs a synchronous one (e.g. 'postgresql+psycopg')")
+        database = parsed.database
+        if parsed.get_backend_name() == "sqlite" and database and database != ":memory:" and not database.startswith("file:"):
+            path = absolute(Path(database), info)
+            if path.is_dir():
+                raise ValueError(f"{path} is a folder, not a database file")
+            refuse_files_on_the_way(path.parent)
+        return url
 
     def connect_url(self) -> str:
         """The URL to connect with, the password from ``password_env`` filled in.
@@ -77,11 +117,12 @@ class RepositoryConfig(BaseModel):
 
     model_config = _FROZEN
 
-    path: Path
+    #: the repository's folder, created on first use; refused if it or a folder above is a file
+    path: FolderPath
     #: fixed block size of a new repository (an existing one keeps its own)
     block_size: ByteSize = ByteSize(1 << 20)
     #: zstd level, 1 (fast) to 19 (small)
-    compression_level: int = Field(default=3, ge=1, le=19)
+    compression_level: int = Field(default=3, ge=1, le=19, strict=True)
 
     def open(self, *, create: bool) -> "Repository":
         """Open this repository.
@@ -109,10 +150,10 @@ class RetryConfig(BaseModel):
 
     model_config = _FROZEN
 
-    #: total tries of one operation, the first included
-    attempts: int = Field(default=3, ge=1, le=100)
-    #: seconds between tries
-    wait_seconds: float = Field(default=5.0, ge=0, le=3600)
+    #: total tries of one operation, the first included, 1 to 100
+    attempts: int = Field(default=3, ge=1, le=100, strict=True)
+    #: seconds between tries, 0 to 3600
+    wait_seconds: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
 
 
 class JobConfig(BaseModel):
@@ -123,15 +164,17 @@ class JobConfig(BaseModel):
     provider: str
     repository: str
     #: VM names in processing order
-    vms: list[str] = Field(min_length=1)
-    max_parallel_vms: int = Field(default=1, ge=1, le=64)
+    vms: list[Name] = Field(min_length=1)
+    #: VMs processed at once, 1 to 64
+    max_parallel_vms: int = Field(default=1, ge=1, le=64, strict=True)
     #: quiesce the guest before the snapshot; a failure falls back to crash-consistent
     quiesce: bool = False
-    #: restore points kept per VM of this job
-    retention: int = Field(default=7, ge=1)
+    #: restore points kept per VM of this job, 1 to 10,000
+    retention: int = Field(default=7, ge=1, le=MAX_RETENTION, strict=True)
     retry: RetryConfig = RetryConfig()
-    #: seconds a VM task waits for a VM another session is processing before it fails
-    vm_lock_timeout_seconds: float = Field(default=600.0, ge=0)
+    #: seconds a VM task waits for a VM another session is processing before it fails, 0 to
+    #: 604,800 (7 days)
+    vm_lock_timeout_seconds: float = Field(default=600.0, ge=0, le=MAX_VM_LOCK_TIMEOUT_SECONDS, allow_inf_nan=False)
     description: str = ""
 
     @field_validator("vms")
@@ -139,8 +182,6 @@ class JobConfig(BaseModel):
     def _unique_vms(cls, vms: list[str]) -> list[str]:
         seen: set[str] = set()
         for vm in vms:
-            if not vm:
-                raise ValueError("a VM name cannot be empty")
             if vm in seen:
                 raise ValueError(f"VM {vm!r} is listed twice")
             seen.add(vm)
@@ -153,9 +194,9 @@ class _Document(BaseModel):
     model_config = _FROZEN
 
     state: StateConfig = StateConfig()
-    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    repositories: dict[str, RepositoryConfig] = Field(default_factory=dict)
-    jobs: dict[str, JobConfig] = Field(default_factory=dict)
+    providers: dict[Name, dict[str, Any]] = Field(default_factory=dict)
+    repositories: dict[Name, RepositoryConfig] = Field(default_factory=dict)
+    jobs: dict[Name, JobConfig] = Field(default_factory=dict)
 
 
 class Config(BaseModel):
@@ -195,14 +236,23 @@ def load_config(path: Path) -> Config:
     """Read, validate and resolve a config file.
 
     :param path: the TOML file.
-    :raises ConfigError: the file is missing, not TOML, or invalid; every problem found is
-        listed with its key path and line.
+    :raises ConfigError: the file is missing, not UTF-8 text, not TOML, or invalid; every
+        problem found is listed with its key path and line. Paths on the way to a folder the
+        config names (a repository, a ``state_dir``, the SQLite database's folder) are looked
+        at, relative ones against the config file's folder; nothing is created.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), [("", None, f"cannot read the config file: {exc.strerror}")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(path), [("", line, (
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} (byte offset {exc.start}) cannot be"
+            " decoded; save the file as UTF-8"))]) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -210,16 +260,16 @@ def load_config(path: Path) -> Config:
 
     locate = _KeyLocator(text)
     problems: list[tuple[str, int | None, str]] = []
+    context = {"base": path.resolve().parent}
 
     def collect(err: ValidationError, prefix: tuple[Any, ...] = ()) -> None:
         for item in err.errors():
-            loc = prefix + tuple(item["loc"])
-            key = ".".join(str(part) for part in loc)
-            problems.append((key, locate(loc), _describe(item)))
+            loc = prefix + tuple(part for part in item["loc"] if part != "[key]")  # a bad table name
+            problems.append((_key_path(loc), locate(loc), _describe(item)))
 
     doc: _Document | None = None
     try:
-        doc = _Document.model_validate(raw)
+        doc = _Document.model_validate(raw, context=context)
     except ValidationError as exc:
         collect(exc)
 
@@ -233,12 +283,12 @@ def load_config(path: Path) -> Config:
         if model is None:
             known = ", ".join(sorted(PROVIDER_TYPES))
             problems.append(
-                (f"providers.{name}.type", locate(("providers", name, "type")),
+                (_key_path(("providers", name, "type")), locate(("providers", name, "type")),
                  f"unknown provider type {kind!r} (known: {known})")
             )
             continue
         try:
-            providers[name] = model.model_validate(section)
+            providers[name] = model.model_validate(section, context=context)
         except ValidationError as exc:
             collect(exc, ("providers", name))
 
@@ -251,12 +301,12 @@ def load_config(path: Path) -> Config:
     for name, job in doc.jobs.items():
         if job.provider not in doc.providers:
             problems.append(
-                (f"jobs.{name}.provider", locate(("jobs", name, "provider")),
+                (_key_path(("jobs", name, "provider")), locate(("jobs", name, "provider")),
                  f"unknown provider {job.provider!r} (defined: {_names(doc.providers)})")
             )
         if job.repository not in doc.repositories:
             problems.append(
-                (f"jobs.{name}.repository", locate(("jobs", name, "repository")),
+                (_key_path(("jobs", name, "repository")), locate(("jobs", name, "repository")),
                  f"unknown repository {job.repository!r} (defined: {_names(doc.repositories)})")
             )
     if problems:
@@ -269,6 +319,15 @@ def load_config(path: Path) -> Config:
         providers={name: _resolve_paths(model, base) for name, model in providers.items()},
         repositories={name: _resolve_paths(repo, base) for name, repo in doc.repositories.items()},
         jobs=dict(doc.jobs),
+    )
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    """A location as a TOML dotted key (``jobs.nightly.vms.0``); a part that is not a bare
+    TOML key is quoted and escaped as TOML writes it (``jobs.""``, ``jobs."a\\u0000b"``)."""
+    return ".".join(
+        str(part) if re.fullmatch(r"[A-Za-z0-9_-]+", str(part)) else json.dumps(str(part), ensure_ascii=False)
+        for part in loc
     )
 
 
@@ -336,7 +395,7 @@ class _KeyLocator:
     """
 
     _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?")
-    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'. ]+?)\s*=")
+    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'. \\]+?)\s*=")
 
     def __init__(self, text: str) -> None:
         self._keys: dict[tuple[str, ...], int] = {}
@@ -366,4 +425,14 @@ class _KeyLocator:
 
 
 def _split_key(key: str) -> list[str]:
-    return [part.strip().strip("\"'") for part in key.split(".")]
+    """The parts of a TOML dotted key as written (``jobs."a.b"`` → ``["jobs", "a.b"]``),
+    escapes decoded, by letting tomllib read ``KEY = 0``."""
+    try:
+        table: Any = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        return [part.strip().strip("\"'") for part in key.split(".")]
+    parts = []
+    while isinstance(table, dict) and len(table) == 1:
+        ((name, table),) = table.items()
+        parts.append(name)
+    return parts

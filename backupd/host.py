@@ -106,9 +106,9 @@ def spawn_session_process(config_path: Path, session_id: int, log_path: Path) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m backupd.host --config PATH SESSION_ID``: host one created session."""
-    from backupd.cli import configure_logging
+    from backupd.cli import MAX_SESSION_ID, configure_logging
     from backupd.config import load_config
-    from backupd.errors import BackupdError
+    from backupd.errors import BackupdError, NotFoundError
     from backupd.service import Backupd
 
     parser = argparse.ArgumentParser(prog="python -m backupd.host", description=main.__doc__)
@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     try:
+        if not 1 <= args.session_id <= MAX_SESSION_ID:
+            raise NotFoundError(f"no session {args.session_id}")
         service = Backupd(load_config(args.config))
         try:
             return host_session(service, args.session_id).exit_code

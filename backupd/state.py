@@ -151,7 +151,8 @@ class StateStore:
     :class:`StateError` (exit code 2), naming the DB and the reason.
 
     :param url: a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``).
-    :raises StateError: the database cannot be opened or its tables created.
+    :raises StateError: the database cannot be opened or its tables created, its driver is not
+        installed, or a SQLite database's folder cannot be made.
     """
 
     def __init__(self, url: str) -> None:
@@ -170,6 +171,13 @@ class StateStore:
                 self._set_up(wal=False)
         except (OperationalError, ProgrammingError) as exc:
             raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.orig}") from exc
+        except ImportError as exc:  # the URL names a driver whose package is not installed
+            raise StateError(
+                f"cannot open the state DB {self._safe_url()}: its database driver is not installed"
+                f" (no Python module {exc.name!r})"
+            ) from exc
+        except OSError as exc:  # the SQLite database's folder or setup lock
+            raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.strerror}: {exc.filename}") from exc
 
     def _set_up(self, *, wal: bool, attempts: int = 5) -> None:
         """Switch SQLite to WAL (a setting kept in the file) and create missing tables.

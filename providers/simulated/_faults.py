@@ -66,9 +66,9 @@ class FaultStore:
         :raises InvalidArgument: unknown op, or ``times < 1`` for a transient fault.
         """
         if op not in PERMANENT_ERRORS:
-            raise InvalidArgument(f"unknown fault op {op!r}; known: {', '.join(FAULT_OPS)}")
+            raise InvalidArgument(f"unknown fault op {op!r}; known: {', '.join(FAULT_OPS)}", argument="op")
         if not permanent and times < 1:
-            raise InvalidArgument(f"a transient fault needs times >= 1, got {times}")
+            raise InvalidArgument(f"a transient fault needs times >= 1, got {times}", argument="times")
         fault = {"permanent": permanent, "remaining": None if permanent else times}
         self._update(lambda faults: {**faults, op: fault})
 

@@ -294,10 +294,13 @@ class SimulatedProvider(Provider):
         """
         target = self._vms.get(vm_name)
         record = target.disk_at(disk)
-        if not data or offset < 0 or offset + len(data) > record.capacity_bytes:
+        if not data:
+            raise InvalidArgument(f"VM {vm_name!r} {record.label}: nothing to write (0 bytes)", argument="data")
+        if offset < 0 or offset + len(data) > record.capacity_bytes:
             raise InvalidArgument(
                 f"VM {vm_name!r} {record.label}: cannot write {len(data)} bytes at offset"
-                f" {offset}; the disk has {record.capacity_bytes} bytes"
+                f" {offset}; the disk has {record.capacity_bytes} bytes",
+                argument="offset",
             )
         guest_write(target.paths, record.key, record.capacity_bytes, offset, bytes(data))
         return Extent(offset, len(data))
@@ -323,7 +326,8 @@ class SimulatedProvider(Provider):
         if not 0 <= blocks <= len(slots):
             raise InvalidArgument(
                 f"VM {vm_name!r} {record.label} has {len(slots)} blocks of 1 MiB;"
-                f" cannot write {blocks}"
+                f" cannot write {blocks}",
+                argument="blocks",
             )
         rng = random.Random(seed)
         extents = []

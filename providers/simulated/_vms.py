@@ -53,7 +53,8 @@ class Vm:
         if not 0 <= index < len(self.disks):
             raise InvalidArgument(
                 f"VM {self.name!r} has {len(self.disks)} disk(s)"
-                f" (index 0..{len(self.disks) - 1}); no disk {index}"
+                f" (index 0..{len(self.disks) - 1}); no disk {index}",
+                argument="disk",
             )
         return self.disks[index]
 

@@ -6,51 +6,69 @@ are already resolved against the config file's folder when a provider receives t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, PlainValidator, TypeAdapter, field_validator
+
+from providers.config_types import FolderPath, Name, check_path_text
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _SIZE = TypeAdapter(ByteSize)
+
+#: largest disk, in bytes: 62 TiB, vSphere's largest virtual disk (VMware's "Configuration
+#: Maximums", since vSphere 5.5); the simulated hypervisor keeps to the same limit
+MAX_DISK_BYTES = 62 << 40
+#: longest simulated snapshot creation or removal, in seconds (an hour)
+MAX_SNAPSHOT_SECONDS = 3600.0
+#: slowest and fastest read throttle, in MiB/s (0 switches the throttle off)
+MIN_READ_MIB_PER_S, MAX_READ_MIB_PER_S = 0.01, 1_000_000.0
+
+#: a string read as a size rather than a path: a digit first, or a sign and a digit
+_LOOKS_LIKE_A_SIZE = re.compile(r"\s*[-+]?\.?\d")
+
+
+def _disk(item: object) -> int | Path:
+    """A ``disks`` entry: a size (a string such as ``"8 GiB"``, or bytes as an integer) becomes
+    an int of bytes, anything else a disk image path."""
+    if isinstance(item, str) and _LOOKS_LIKE_A_SIZE.match(item):
+        try:
+            size = int(_SIZE.validate_python(item))  # pydantic's size parser: "8 GiB", "512MiB"
+        except ValueError as exc:
+            raise ValueError(f"bad size string {item!r} (use e.g. '8 GiB')") from exc
+    elif isinstance(item, int) and not isinstance(item, bool):
+        size = item  # a size in bytes, as model_dump() writes it
+    elif isinstance(item, (str, Path)):
+        return Path(check_path_text(str(item)))
+    else:
+        raise ValueError(f"a disk is a path or a size string, got {item!r}")
+    if size <= 0:
+        raise ValueError(f"disk size must be positive, got {item!r}")
+    if size > MAX_DISK_BYTES:
+        raise ValueError(f"disk size {item!r} is too large: at most 62 TiB, vSphere's largest virtual disk")
+    return size
+
+
+#: a disk: its size in bytes, or the image file to import
+Disk = Annotated[Union[int, Path], PlainValidator(_disk)]
 
 
 class SimulatedVmConfig(BaseModel):
     """One VM of the simulated hypervisor.
 
     ``disks`` entries are either a disk image file to import on first use (a path) or the size
-    of an empty disk (a size string such as ``"8 GiB"``; any string starting with a digit is
-    read as a size).
+    of an empty disk: a size string such as ``"8 GiB"`` (any string starting with a digit, or a
+    sign and a digit, is read as a size; write ``"./1.img"`` for an image whose name starts so)
+    or a number of bytes; from 1 byte to 62 TiB, vSphere's largest virtual disk
+    (:data:`MAX_DISK_BYTES`).
     """
 
     model_config = _FROZEN
 
-    name: str = Field(min_length=1, max_length=255)
-    disks: list[Union[ByteSize, Path]] = Field(min_length=1)
+    name: Name
+    disks: list[Disk] = Field(min_length=1)
     power_state: Literal["poweredOn", "poweredOff", "suspended"] = "poweredOn"
-
-    @field_validator("disks", mode="before")
-    @classmethod
-    def _sizes_or_paths(cls, value: object) -> object:
-        if not isinstance(value, list):
-            return value
-        out: list[object] = []
-        for item in value:
-            if isinstance(item, str) and item.strip()[:1].isdigit():
-                try:
-                    size = _SIZE.validate_python(item)  # pydantic's size parser: "8 GiB", "512MiB"
-                except Exception as exc:  # noqa: BLE001 - re-raised as a validation error
-                    raise ValueError(f"bad size string {item!r} (use e.g. '8 GiB')") from exc
-                if size <= 0:
-                    raise ValueError(f"disk size must be positive, got {item!r}")
-                out.append(int(size))
-            elif isinstance(item, (str, Path)):
-                out.append(str(item))  # a disk image path
-            elif isinstance(item, int) and not isinstance(item, bool) and item > 0:
-                out.append(item)  # a size in bytes, as model_dump() writes it
-            else:
-                raise ValueError(f"a disk is a path or a size string, got {item!r}")
-        return out
 
 
 class SimulatedProviderConfig(BaseModel):
@@ -60,14 +78,21 @@ class SimulatedProviderConfig(BaseModel):
 
     type: Literal["simulated"]
     #: folder holding the VMs, disks, snapshots, CBT logs and faults; shared by every process
-    state_dir: Path
-    #: per-disk read throttle in MiB/s; 0 means unthrottled
-    read_mib_per_s: float = Field(default=0.0, ge=0)
-    #: seconds a snapshot creation takes
-    snapshot_create_seconds: float = Field(default=0.0, ge=0)
-    #: seconds a snapshot removal takes
-    snapshot_remove_seconds: float = Field(default=0.0, ge=0)
+    state_dir: FolderPath
+    #: per-disk read throttle in MiB/s: 0 (unthrottled) or 0.01 to 1,000,000
+    read_mib_per_s: float = Field(default=0.0, ge=0, le=MAX_READ_MIB_PER_S, allow_inf_nan=False)
+    #: seconds a snapshot creation takes, 0 to 3600
+    snapshot_create_seconds: float = Field(default=0.0, ge=0, le=MAX_SNAPSHOT_SECONDS, allow_inf_nan=False)
+    #: seconds a snapshot removal takes, 0 to 3600
+    snapshot_remove_seconds: float = Field(default=0.0, ge=0, le=MAX_SNAPSHOT_SECONDS, allow_inf_nan=False)
     vms: list[SimulatedVmConfig] = Field(default_factory=list)
+
+    @field_validator("read_mib_per_s")
+    @classmethod
+    def _throttle_off_or_measurable(cls, value: float) -> float:
+        if 0 < value < MIN_READ_MIB_PER_S:
+            raise ValueError(f"must be 0 (unthrottled) or at least {MIN_READ_MIB_PER_S} MiB/s")
+        return value
 
     @field_validator("vms")
     @classmethod

@@ -3,27 +3,32 @@ runs (exit 78, naming the file and the key path), and the not-found and usage ex
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+
 import pytest
 
 from labkit import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_USAGE, Lab
 
 VALID = """\
 [state]
-url = "sqlite:///state.db"
+url = {state_url}
 
 [repositories.local]
-path = "repo"
+path = {repository_path}
 {repository_extra}
 
 [providers.lab]
 type = "simulated"
 state_dir = "lab"
+{provider_extra}
 
 [[providers.lab.vms]]
 name = "web-01"
 disks = [{disk}]
 
-[jobs.nightly]
+[jobs.{job_name}]
 provider = {provider}
 repository = {repository}
 vms = {vms}
@@ -32,7 +37,11 @@ max_parallel_vms = {max_parallel_vms}
 """
 
 DEFAULTS = {
+    "state_url": '"sqlite:///state.db"',
+    "repository_path": '"repo"',
     "repository_extra": "",
+    "provider_extra": "",
+    "job_name": "nightly",
     "disk": '"32 MiB"',
     "provider": '"lab"',
     "repository": '"local"',
@@ -55,6 +64,21 @@ BAD_CONFIGS = [
         {"job_extra": '\n[jobs.nightly]\nprovider = "lab"\nrepository = "local"\nvms = ["web-01"]'},
         "jobs.nightly",
     ),
+    # bad input (issue 7, section 5): each of these was accepted, or crashed with exit 2
+    ("disk larger than 62 TiB", {"disk": '"16 EiB"'}, "providers.lab.vms.0.disks.0: disk size '16 EiB' is too large"),
+    ("negative disk size", {"disk": '"-1 GiB"'}, "providers.lab.vms.0.disks.0: bad size string"),
+    ("snapshot seconds inf", {"provider_extra": "snapshot_create_seconds = inf"}, "providers.lab.snapshot_create_seconds"),
+    ("snapshot seconds 1e300", {"provider_extra": "snapshot_remove_seconds = 1e300"}, "providers.lab.snapshot_remove_seconds"),
+    ("read throttle nan", {"provider_extra": "read_mib_per_s = nan"}, "providers.lab.read_mib_per_s"),
+    ("retention huge", {"job_extra": "retention = 99999999999999999999999"}, "jobs.nightly.retention"),
+    ("VM lock timeout inf", {"job_extra": "vm_lock_timeout_seconds = inf"}, "jobs.nightly.vm_lock_timeout_seconds"),
+    ("state URL not a URL", {"state_url": '"not a url"'}, "state.url: not a database URL"),
+    ("state URL empty", {"state_url": '""'}, "state.url: not a database URL"),
+    ("state URL unknown dialect", {"state_url": '"mysqlx://backupd:hunter2@db/backupd"'}, "state.url: unknown database dialect"),
+    ("repository path is a file", {"repository_path": '"backupd.toml"'}, "repositories.local.path"),
+    ("repository path under a file", {"repository_path": '"backupd.toml/repo"'}, "repositories.local.path"),
+    ("empty job name", {"job_name": '""'}, 'jobs."": a name cannot be empty'),
+    ("NUL in a job's VM name", {"vms": '["web\\u000001"]'}, "jobs.nightly.vms.0: a name cannot contain control characters"),
 ]
 
 
@@ -81,7 +105,25 @@ def test_invalid_config_is_refused_with_exit_78_naming_file_and_key_and_nothing_
         assert str(lab.config) in proc.stderr, f"stderr names the file: {proc.stderr!r}"
         assert key_path in proc.stderr, f"stderr names {key_path}: {proc.stderr!r}"
         assert proc.stdout == "", "no JSON document for a refused config"
+        assert "Traceback" not in proc.stderr and "hunter2" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in lab.site.iterdir()) == ["backupd.toml"], "nothing else was created"
+
+
+def test_a_config_file_that_is_not_utf8_exits_78_naming_line_and_byte(lab: Lab) -> None:
+    """Given the valid config saved in Latin-1 with an "é" in a comment on its last line, when
+    a job is started, then it exits 78 naming the file, the line and the byte offset, and
+    nothing is created."""
+    text = VALID.format(**DEFAULTS) + "# café\n"
+    data = text.encode("latin-1")
+    lab.config.write_bytes(data)
+    line, offset = text.count("\n"), data.index("é".encode("latin-1"))
+
+    proc = lab.run("job", "start", "nightly", "--wait")
+
+    assert proc.returncode == EXIT_CONFIG, proc
+    assert f"{lab.config}:{line}: not UTF-8 text: byte 0xe9 at line {line} (byte offset {offset})" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in lab.site.iterdir()) == ["backupd.toml"]
 
 
 def test_unknown_job_exits_4_for_start_and_stop(lab: Lab) -> None:
@@ -140,3 +182,94 @@ def test_a_runner_that_cannot_start_exits_2_and_ends_its_session_failed(lab: Lab
     assert (doc["state"], doc["result"]) == ("stopped", "failed")
     assert [vm["status"] for vm in doc["vms"]] == ["not_processed"]
     assert lab.run("job", "stop", "nightly").returncode == 3
+
+
+# -- bad command-line arguments -------------------------------------------------------------------
+
+BIG = "10000000000000000000000"  # beyond SQLite's and C's 64-bit integers
+
+# (id, arguments ({payload}: a 4 KiB file, {empty}: an empty file), exit code, words stderr has)
+BAD_ARGUMENTS = [
+    ("--limit huge", ["session", "list", "--limit", BIG], EXIT_USAGE, "1<=x<=100000"),
+    ("--limit zero", ["session", "list", "--limit", "0"], EXIT_USAGE, "--limit"),
+    ("session id huge", ["session", "show", BIG], EXIT_NOT_FOUND, f"no session {BIG}"),
+    ("session id huge, --json", ["session", "show", BIG, "--json"], EXIT_NOT_FOUND, f"no session {BIG}"),
+    ("session id 2**63", ["session", "show", str(2**63)], EXIT_NOT_FOUND, f"no session {2**63}"),
+    ("session id zero", ["session", "show", "0"], EXIT_NOT_FOUND, "no session 0"),
+    ("session id negative", ["session", "show", "--", "-1"], EXIT_NOT_FOUND, "no session -1"),
+    ("session id not a number", ["session", "show", "abc"], EXIT_USAGE, "'abc' is not a valid integer"),
+    ("--blocks more than the disk has", ["sim", "write", "web-01", "--blocks", "5000"], EXIT_USAGE,
+     "--blocks 5000: VM 'web-01' Hard disk 1 has 4 blocks of 1 MiB"),
+    ("--blocks huge", ["sim", "write", "web-01", "--blocks", BIG], EXIT_USAGE, f"--blocks {BIG}:"),
+    ("--blocks zero", ["sim", "write", "web-01", "--blocks", "0"], EXIT_USAGE, "--blocks"),
+    ("--disk that does not exist", ["sim", "write", "web-01", "--disk", "7", "--blocks", "1"], EXIT_USAGE,
+     "--disk 7: VM 'web-01' has 1 disk(s) (index 0..0)"),
+    ("--disk huge", ["sim", "write", "web-01", "--disk", BIG, "--blocks", "1"], EXIT_USAGE, f"--disk {BIG}:"),
+    ("--disk negative", ["sim", "write", "web-01", "--disk", "-1", "--blocks", "1"], EXIT_USAGE, "--disk"),
+    ("--offset past the end", ["sim", "write", "web-01", "--file", "{payload}", "--offset", str(4 << 20)], EXIT_USAGE,
+     f"--offset {4 << 20}: VM 'web-01' Hard disk 1: cannot write 4096 bytes at offset {4 << 20}; the disk has {4 << 20} bytes"),
+    ("--offset huge", ["sim", "write", "web-01", "--file", "{payload}", "--offset", BIG], EXIT_USAGE, f"--offset {BIG}:"),
+    ("--file empty", ["sim", "write", "web-01", "--file", "{empty}", "--offset", "0"], EXIT_USAGE, "nothing to write"),
+    ("--times huge", ["sim", "fault", "web-01", "--op", "read", "--times", BIG], EXIT_USAGE, "1<=x<=1000000"),
+    ("job name not UTF-8", ["job", "start", "night\udcffly"], EXIT_USAGE, "is not UTF-8 text (byte 0xff"),
+    ("VM name not UTF-8", ["sim", "cbt-reset", "web\udcff01"], EXIT_USAGE, "is not UTF-8 text"),
+    ("empty job name", ["job", "start", ""], EXIT_USAGE, "JOB': cannot be empty"),
+    ("stop message with a control character", ["job", "stop", "nightly", "--message", "a\x1bb"], EXIT_USAGE,
+     "contains a control character"),
+    ("empty provider name", ["vm", "list", "--provider", ""], EXIT_USAGE, "--provider': cannot be empty"),
+    ("empty restore folder", ["restore", "web-01", "--to", ""], EXIT_USAGE, "--to': cannot be empty"),
+    ("empty config path", ["-c", "", "job", "list"], EXIT_USAGE, "--config': cannot be empty"),
+]
+
+
+@pytest.fixture(scope="module")
+def args_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One lab for the whole table (a refused command changes nothing, so the rows cannot
+    disturb each other): VM web-01 with one 4 MiB disk, made by a first ``vm list``."""
+    lab = Lab(tmp_path_factory.mktemp("bad-arguments"))
+    lab.configure(vms={"web-01": "4 MiB"}, jobs={"nightly": {"vms": ["web-01"]}})
+    assert lab.run("vm", "list").returncode == 0
+    (lab.scratch / "payload.bin").write_bytes(b"x" * 4096)
+    (lab.scratch / "empty.bin").write_bytes(b"")
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def _fingerprint(lab: Lab) -> dict[str, str]:
+    """Every file under the lab's folder but the state DB's (which SQLite may rewrite when only
+    read), with a hash of its bytes: the VMs' disks, CBT logs and faults, the repository."""
+    return {
+        str(path.relative_to(lab.site)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(lab.site.rglob("*"))
+        if path.is_file() and not path.name.startswith("state.db")
+    }
+
+
+def _sessions(lab: Lab) -> int:
+    if not lab.state_db.exists():
+        return 0
+    with sqlite3.connect(lab.state_db) as db:
+        return db.execute("SELECT count(*) FROM job_session").fetchone()[0]
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [row[1:] for row in BAD_ARGUMENTS], ids=[row[0] for row in BAD_ARGUMENTS])
+def test_a_bad_argument_exits_with_its_code_and_a_message_and_changes_nothing(
+    args_lab: Lab, args: list[str], code: int, words: str
+) -> None:
+    """Given a lab with one VM, when a command gets an argument out of range, not a number, not
+    UTF-8 or empty, then it exits 64 (usage) or 4 (a session id no session can have), stderr
+    names the problem without a traceback, and nothing changed: no disk written, no fault
+    armed, no session created, no repository."""
+    lab = args_lab
+    files = {"payload": str(lab.scratch / "payload.bin"), "empty": str(lab.scratch / "empty.bin")}
+    before, sessions = _fingerprint(lab), _sessions(lab)
+
+    proc = lab.run(*[arg.format(**files) if arg.startswith("{") else arg for arg in args])
+
+    assert proc.returncode == code, proc
+    assert words in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == "", proc
+    assert _fingerprint(lab) == before, "a refused command changed the lab"
+    assert _sessions(lab) == sessions and not lab.repo.exists()

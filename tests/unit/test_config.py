@@ -74,7 +74,7 @@ def test_defaults_fill_what_a_job_leaves_out(tmp_path: Path) -> None:
         (('provider = "lab"', 'provider = "lab2"'), "jobs.nightly.provider", 16, "unknown provider 'lab2'"),
         (('repository = "local"', 'repository = "nas"'), "jobs.nightly.repository", 17, "unknown repository 'nas'"),
         (('vms = ["web-01", "db-01"]', "vms = []"), "jobs.nightly.vms", 18, "at least 1"),
-        (('"8 GiB"', '"8 GiBs"'), "providers.lab.vms.0.disks", 10, "bad size string '8 GiBs'"),
+        (('"8 GiB"', '"8 GiBs"'), "providers.lab.vms.0.disks.1", 10, "bad size string '8 GiBs'"),
         (("wait_seconds = 5", "wait_seconds = 5, tries = 2"), "jobs.nightly.retry.tries", 22, "unknown key"),
         (('type = "simulated"', 'type = "hyperv"'), "providers.lab.type", 5, "unknown provider type 'hyperv'"),
         (("max_parallel_vms = 2", "max_parallel_vms = 0"), "jobs.nightly.max_parallel_vms", 19, "greater than or equal to 1"),
@@ -96,7 +96,7 @@ def test_duplicate_job_tables_are_refused_with_their_line(tmp_path: Path) -> Non
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     text = VALID.replace("max_parallel_vms = 2", "max_parallel_vms = -1").replace('"8 GiB"', '"9 XB"')
     keys = {key for key, _line, _text in problems(write(tmp_path, text))}
-    assert keys == {"jobs.nightly.max_parallel_vms", "providers.lab.vms.0.disks"}
+    assert keys == {"jobs.nightly.max_parallel_vms", "providers.lab.vms.0.disks.1"}
 
 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
