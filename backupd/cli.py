@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -154,8 +155,11 @@ def job_list(ctx: _Context, as_json: bool) -> None:
     """Jobs with their VMs and last session result."""
     from backupd.render import session_summary, table
 
+    from backupd.render import next_runs
+
     service = ctx.service
     last = service.store.last_results()
+    upcoming = next_runs(service)
     jobs = []
     for name, settings in sorted(service.config.jobs.items()):
         session = last.get(name)
@@ -163,15 +167,18 @@ def job_list(ctx: _Context, as_json: bool) -> None:
             "name": name, "provider": settings.provider, "repository": settings.repository,
             "vms": list(settings.vms), "max_parallel_vms": settings.max_parallel_vms,
             "last_session": session_summary(session) if session else None,
+            "schedule": settings.schedule.describe() if settings.schedule else None,
+            "next_run": upcoming.get(name),
         })
     if as_json:
         _print_json(jobs)
         return
     click.echo(table(
-        ["JOB", "PROVIDER", "REPOSITORY", "VMS", "LAST SESSION", "RESULT"],
+        ["JOB", "PROVIDER", "REPOSITORY", "VMS", "LAST SESSION", "RESULT", "NEXT RUN"],
         ([j["name"], j["provider"], j["repository"], ", ".join(j["vms"]),
           j["last_session"]["id"] if j["last_session"] else None,
-          (j["last_session"]["result"] or j["last_session"]["state"]) if j["last_session"] else None]
+          (j["last_session"]["result"] or j["last_session"]["state"]) if j["last_session"] else None,
+          j["next_run"]]
          for j in jobs),
     ))
 
@@ -180,23 +187,36 @@ def job_list(ctx: _Context, as_json: bool) -> None:
 @click.argument("job_name", metavar="JOB", type=TEXT)
 @click.option("--wait", is_flag=True, help="Run in the foreground with a live progress view; exit code by result.")
 @click.option("--full", is_flag=True, help="Read every disk in full, whatever changed block tracking allows.")
+@click.option("--retry", is_flag=True,
+              help="Retry the job's last session: only its VMs that got no restore point, in job order.")
 @json_option
 @pass_ctx
-def job_start(ctx: _Context, job_name: str, wait: bool, full: bool, as_json: bool) -> None:
+def job_start(ctx: _Context, job_name: str, wait: bool, full: bool, retry: bool, as_json: bool) -> None:
     """Start a session of JOB and print its id.
 
-    Without --wait the session runs in a detached background process and the command returns
-    at once. With --wait, Ctrl-C asks for a graceful stop, a second Ctrl-C an immediate one.
+    Without --wait the session is handed to the running daemon, or, with no daemon, runs in a
+    detached background process; the command returns at once. With --wait it runs here; Ctrl-C
+    asks for a graceful stop, a second Ctrl-C an immediate one.
     """
     service = ctx.service
-    session = service.create_session(job_name, full=full)
+    daemon = None if wait else service.daemon_owner()
+    if retry:
+        if full:
+            raise UsageError("--retry repeats the last session's transfer mode; it takes no --full")
+        session = service.create_retry_session(job_name, owner=daemon)
+    else:
+        session = service.create_session(job_name, full=full, owner=daemon)
     assert session.id is not None
     if not wait:
-        service.start_detached(session.id)
+        if daemon is None:
+            service.start_detached(session.id)
+        how = f"handed to the daemon (pid {daemon[1]} on {daemon[0]})" if daemon else "detached"
         if as_json:
-            _print_json({"session": session.id, "job": job_name, "detached": True})
+            _print_json({"session": session.id, "job": job_name, "detached": True,
+                         "daemon": {"host": daemon[0], "pid": daemon[1]} if daemon else None,
+                         "retry_of": session.retry_of})
         else:
-            click.echo(f"session {session.id} started (job {job_name})")
+            click.echo(f"session {session.id} started (job {job_name}, {how})")
         return
     from backupd.host import host_session
     from backupd.progress import LiveView
@@ -227,15 +247,22 @@ def job_start(ctx: _Context, job_name: str, wait: bool, full: bool, as_json: boo
               help="Cancel VMs in flight, remove this session's snapshots; result failed.")
 @click.option("--message", type=_Text(empty_ok=True),
               help="Why, on one line; stored with each stopped session (at most 320 characters).")
+@click.option("--drain", "drain_seconds", type=click.FloatRange(0, 86400), metavar="SECONDS",
+              help="Graceful: escalate to immediate after this long (default: the job's drain_period_seconds).")
+@click.option("--recursive", is_flag=True,
+              help="Also stop the sessions this session's chain started, and start no more chained jobs.")
 @click.option("--wait", is_flag=True, help="Wait until every stopped session has ended.")
 @json_option
 @pass_ctx
-def job_stop(ctx: _Context, jobs: tuple[str, ...], mode: str, message: str | None, wait: bool, as_json: bool) -> None:
+def job_stop(ctx: _Context, jobs: tuple[str, ...], mode: str, message: str | None, drain_seconds: float | None,
+             recursive: bool, wait: bool, as_json: bool) -> None:
     """Stop the running sessions of one or more jobs, from any process."""
     from backupd.enums import StopMode
 
+    if drain_seconds is not None and mode != "graceful":
+        raise UsageError("--drain is the drain period of a graceful stop; an immediate stop has none")
     service = ctx.service
-    outcomes = service.stop_jobs(list(jobs), StopMode(mode), message)
+    outcomes = service.stop_jobs(list(jobs), StopMode(mode), message, drain_seconds=drain_seconds, recursive=recursive)
     stopped = [o.session for o in outcomes if o.session is not None]
     if wait:
         service.wait_stopped(stopped)  # type: ignore[arg-type]
@@ -526,6 +553,73 @@ def sim_cbt_reset(ctx: _Context, vm: str, provider_name: str | None, as_json: bo
         click.echo(f"{vm}: changed block tracking reset")
 
 
+# -- daemon -------------------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def daemon(click_ctx: click.Context) -> None:
+    """Run the daemon in the foreground (schedules, chains, retries, recovery); `status` tells
+    whether one runs.
+
+    SIGTERM or Ctrl-C: graceful stop of every session with its drain period; a second one:
+    immediate. SIGHUP: reload the config. Exit codes: 0 stopped, 5 another daemon runs on
+    the state DB, 78 config error.
+    """
+    if click_ctx.invoked_subcommand is None:
+        from backupd.daemon import run_daemon
+
+        configure_logging(daemon=True)
+        sys.exit(run_daemon(click_ctx.find_object(_Context).config_path))
+
+
+@daemon.command("status")
+@json_option
+@pass_ctx
+def daemon_status(ctx: _Context, as_json: bool) -> None:
+    """Whether a daemon runs (host, pid, since), every scheduled job's next run, and the
+    running sessions."""
+    from backupd.render import daemon_document, daemon_text
+
+    document = daemon_document(ctx.service)
+    if as_json:
+        _print_json(document)
+    else:
+        click.echo(daemon_text(document))
+
+
+# -- snapshots ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def snapshot() -> None:
+    """Snapshots backupd made: the snapshot hunter."""
+
+
+@snapshot.command("hunt")
+@click.option("--provider", "provider_name", type=TEXT, help="Only this provider's VMs.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@json_option
+@pass_ctx
+def snapshot_hunt(ctx: _Context, provider_name: str | None, dry_run: bool, as_json: bool) -> None:
+    """Remove snapshots named by backupd (``backupd-JOB-SESSION``) on the jobs' VMs whose
+    session has ended; snapshots without that prefix are never touched."""
+    from backupd.recovery import hunt
+
+    service = ctx.service
+    found = hunt(service.config, service.store, provider_name=provider_name, dry_run=dry_run)
+    rows = [{"provider": o.provider, "vm": o.vm, "snapshot": o.snapshot, "name": o.name,
+             "created_at": o.created_at.isoformat() if o.created_at else None, "session": o.session,
+             "action": o.action} for o in found]
+    if as_json:
+        _print_json(rows)
+        return
+    for orphan in found:
+        click.echo(f"{orphan.provider}/{orphan.vm}: {orphan.describe()}")
+    if not found:
+        click.echo("no orphaned snapshot")
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 
@@ -540,10 +634,17 @@ class _OneLineFormatter(logging.Formatter):
         return super().format(record).rstrip("\n")
 
 
-def configure_logging() -> None:
-    """Log records on stderr, one line each (:class:`_OneLineFormatter`), warnings and up."""
+def configure_logging(*, daemon: bool = False) -> None:
+    """Log records on stderr, one line each (:class:`_OneLineFormatter`), warnings and up;
+    for the daemon, its events too (info) with their time (UTC)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLineFormatter("backupd: %(message)s"))
+    if daemon:
+        formatter = _OneLineFormatter("%(asctime)s backupd: %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ")
+        formatter.converter = time.gmtime
+        logging.getLogger("backupd.daemon").setLevel(logging.INFO)
+    else:
+        formatter = _OneLineFormatter("backupd: %(message)s")
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

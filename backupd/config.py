@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from backupd.errors import ConfigError
+from backupd.schedule import AutoRetryConfig, DaemonConfig, ScheduleConfig, WindowConfig
 from providers.config_types import FolderPath, Name, absolute, refuse_files_on_the_way
 from providers.simulated.config import SimulatedProviderConfig
 
@@ -176,6 +177,17 @@ class JobConfig(BaseModel):
     #: 604,800 (7 days)
     vm_lock_timeout_seconds: float = Field(default=600.0, ge=0, le=MAX_VM_LOCK_TIMEOUT_SECONDS, allow_inf_nan=False)
     description: str = ""
+    #: when the daemon runs it (none: only when started by hand)
+    schedule: ScheduleConfig | None = None
+    #: the hours scheduled sessions may run, in the schedule's timezone
+    backup_window: WindowConfig | None = None
+    #: seconds a graceful stop waits for VMs in flight before it escalates to immediate,
+    #: 0 to 86,400
+    drain_period_seconds: float = Field(default=900.0, ge=0, le=86400, allow_inf_nan=False)
+    #: retry sessions the daemon starts after a failed one
+    auto_retry: AutoRetryConfig | None = None
+    #: apprise URLs told when a session of this job ends
+    notify: list[str] = Field(default_factory=list)
 
     @field_validator("vms")
     @classmethod
@@ -194,6 +206,7 @@ class _Document(BaseModel):
     model_config = _FROZEN
 
     state: StateConfig = StateConfig()
+    daemon: DaemonConfig = DaemonConfig()
     providers: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     repositories: dict[Name, RepositoryConfig] = Field(default_factory=dict)
     jobs: dict[Name, JobConfig] = Field(default_factory=dict)
@@ -209,6 +222,7 @@ class Config(BaseModel):
 
     path: Path
     state: StateConfig
+    daemon: DaemonConfig = DaemonConfig()
     providers: dict[str, BaseModel]
     repositories: dict[str, RepositoryConfig]
     jobs: dict[str, JobConfig]
@@ -309,6 +323,7 @@ def load_config(path: Path) -> Config:
                 (_key_path(("jobs", name, "repository")), locate(("jobs", name, "repository")),
                  f"unknown repository {job.repository!r} (defined: {_names(doc.repositories)})")
             )
+        problems.extend(_chain_problems(doc.jobs, name, locate))
     if problems:
         raise ConfigError(str(path), problems)
 
@@ -319,7 +334,28 @@ def load_config(path: Path) -> Config:
         providers={name: _resolve_paths(model, base) for name, model in providers.items()},
         repositories={name: _resolve_paths(repo, base) for name, repo in doc.repositories.items()},
         jobs=dict(doc.jobs),
+        daemon=doc.daemon,
     )
+
+
+def _chain_problems(jobs: dict[str, JobConfig], name: str, locate: Any) -> list[tuple[str, int | None, str]]:
+    """A ``schedule = { after = JOB }`` must name another job and never lead back to itself."""
+    schedule = jobs[name].schedule
+    if schedule is None or schedule.after is None:
+        return []
+    where = (_key_path(("jobs", name, "schedule", "after")), locate(("jobs", name, "schedule")))
+    seen = [name]
+    current = schedule.after
+    while True:
+        if current not in jobs:
+            return [(*where, f"unknown job {current!r} (defined: {_names(jobs)})")] if current == schedule.after else []
+        if current in seen:
+            return [(*where, "the chain of after= jobs comes back to this job: " + " -> ".join([*seen, current]))]
+        seen.append(current)
+        upstream = jobs[current].schedule
+        if upstream is None or upstream.after is None:
+            return []
+        current = upstream.after
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

@@ -154,10 +154,9 @@ class SessionRunner:
         assert session_id is not None
         repository = self.config.repositories[self.job.repository].open(create=True)
         provider = open_provider(self.job.provider, self.config.providers[self.job.provider])
-        remove_orphaned_snapshots(
-            self.store, provider, self.session.job, self.job,
-            lambda text, level, vm: self.store.log(session_id, text, level=level, vm=vm),
-        )
+        for orphan in remove_orphaned_snapshots(self.store, provider, self.session.job, self.job):
+            level = "warning" if orphan.action.startswith("failed") else "info"
+            self.store.log(session_id, orphan.describe(), level=level, vm=orphan.vm)
         self.store.advance_session(session_id, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
         self.store.log(session_id, f"session started: job {self.session.job}, {len(self.job.vms)} VMs")
 
@@ -222,16 +221,19 @@ class SessionRunner:
         statuses = [task.status for task in tasks]
         count = _Counter(statuses)
         took_effect = bool(count[TaskStatus.CANCELLED] or count[TaskStatus.NOT_PROCESSED])
+        row = self.store.session(self.session.id) if self.stop.mode is not None else self.session  # type: ignore[arg-type]
+        by_user = row.stop_reason in (None, "user")
+        who = "by user" if by_user else f"because {row.stop_message}"
         if self.stop.mode is StopMode.IMMEDIATE and took_effect:
-            return SessionResult.FAILED, f"stopped immediately by user: {count.describe()}"
+            return SessionResult.FAILED, f"stopped immediately {who}: {count.describe()}"
         if self.stop.mode is StopMode.GRACEFUL and count[TaskStatus.NOT_PROCESSED] == len(statuses):
-            return SessionResult.FAILED, CANCELED_BY_USER
+            return SessionResult.FAILED, CANCELED_BY_USER if by_user else f"stopped {who} before any VM started"
         late = f"{self.stop.mode.value} stop came after every VM had finished; nothing was stopped" \
             if self.stop.mode is not None and not took_effect else None
         if count[TaskStatus.FAILED] or count[TaskStatus.CANCELLED]:
             return SessionResult.FAILED, _join(count.describe(), late)
         if count[TaskStatus.WARNING] or count[TaskStatus.NOT_PROCESSED]:
-            prefix = "stopped gracefully by user: " if took_effect else ""
+            prefix = f"stopped gracefully {who}: " if took_effect else ""
             return SessionResult.WARNING, _join(prefix + count.describe(), late)
         return SessionResult.SUCCESS, late
 
@@ -252,6 +254,10 @@ class SessionRunner:
                             self.store.advance_session(session_id, from_state=current, to_state=SessionState.STOPPING)  # type: ignore[arg-type]
                     self.store.log(session_id, f"{mode.value} stop requested")  # type: ignore[arg-type, union-attr]
                     seen = mode
+                if mode is StopMode.GRACEFUL and self.stop.drain_deadline and utcnow() >= self.stop.drain_deadline:
+                    self.store.log(session_id, "the drain period ended with VMs still in flight; escalating "  # type: ignore[arg-type]
+                                   "to an immediate stop", level="warning")
+                    self.store.request_stop(session_id, StopMode.IMMEDIATE, None)  # type: ignore[arg-type]
                 beat += POLL_SECONDS
                 if beat >= HEARTBEAT_SECONDS:
                     beat = 0.0

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from backupd.enums import SessionResult, SessionState, TaskStatus
@@ -122,39 +122,67 @@ def _committed_points(config: "Config", session: JobSession) -> dict[str, str]:
 # -- snapshots nobody owns ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OrphanedSnapshot:
+    """A snapshot of an ended session found on a VM, and what was done with it.
+
+    :ivar action: ``removed``, ``already gone`` (recorded, not on the VM any more), ``would
+        remove`` (a dry run) or ``failed: <reason>`` (left for the next pass).
+    :ivar recorded: whether a VM task row named it (else it was found by its name).
+    """
+
+    provider: str
+    vm: str
+    snapshot: str
+    name: str
+    created_at: datetime | None
+    session: int
+    action: str
+    recorded: bool
+
+    def describe(self) -> str:
+        """One line for a session log or the daemon's log."""
+        how = "left by" if self.recorded else "created but never recorded by"
+        what = f"orphaned snapshot {self.snapshot} ({self.name}) {how} session {self.session}"
+        if self.action.startswith("failed"):
+            return f"{what} could not be removed: {self.action.removeprefix('failed: ')}"
+        return f"{self.action} {what}" if self.action != "already gone" else f"{what}: it was already gone"
+
+
 def remove_orphaned_snapshots(
-    store: StateStore,
-    provider: "Provider",
-    job_name: str,
-    job: "JobConfig",
-    report: Callable[[str, str, str | None], None],
-) -> None:
+    store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", *, dry_run: bool = False
+) -> list[OrphanedSnapshot]:
     """Remove the snapshots of ended sessions on the job's VMs: those recorded but not
     removed (a killed runner, a removal that kept failing) and, by name, those never recorded
-    (a runner killed between creating a snapshot and recording its id).
+    (a runner killed between creating a snapshot and recording its id). A snapshot whose name
+    lacks backupd's prefix, or whose session is unknown to this state DB or still runs, is
+    never touched.
 
-    A failure is reported and left for the next session; it never fails this one.
+    A failure is returned (``failed: ...``) and left for the next pass; it never raises.
 
-    :param report: called as ``report(text, level, vm)`` for the session log.
+    :param dry_run: find them, remove nothing (``would remove``).
     """
     from providers.base import ProviderError, VmNotFound
 
+    found: list[OrphanedSnapshot] = []
     tried: set[str] = set()
     for task in store.unremoved_snapshots(job_name):
         tried.add(task.snapshot_id)  # type: ignore[arg-type]
         try:
             vm = provider.find_vm(task.vm)
             snapshot = next((s for s in provider.list_snapshots(vm) if s.id == task.snapshot_id), None)
-            if snapshot is not None:
+            action = "already gone" if snapshot is None else "would remove" if dry_run else "removed"
+            if snapshot is not None and not dry_run:
                 call_with_retry(lambda: provider.remove_snapshot(snapshot), job.retry)
         except ProviderError as exc:
-            store.update_task(task.id, snapshot_error=str(exc))  # type: ignore[arg-type]
-            report(f"orphaned snapshot {task.snapshot_id} of session {task.session_id} could not be removed: {exc}",
-                   "warning", task.vm)
-            continue
-        store.update_task(task.id, snapshot_removed=True, snapshot_error=None)  # type: ignore[arg-type]
-        report(f"removed orphaned snapshot {task.snapshot_id} left by session {task.session_id}"
-               + ("" if snapshot else " (it was already gone)"), "info", task.vm)
+            action = f"failed: {exc}"
+            snapshot = None
+            if not dry_run:
+                store.update_task(task.id, snapshot_error=str(exc))  # type: ignore[arg-type]
+        if not dry_run and not action.startswith("failed"):
+            store.update_task(task.id, snapshot_removed=True, snapshot_error=None)  # type: ignore[arg-type]
+        found.append(OrphanedSnapshot(provider.name, task.vm, task.snapshot_id or "", snapshot.name if snapshot else "",  # type: ignore[arg-type]
+                                      snapshot.created_at if snapshot else None, task.session_id, action, True))
 
     for vm_name in job.vms:
         try:
@@ -163,20 +191,47 @@ def remove_orphaned_snapshots(
         except VmNotFound:
             continue  # the VM task reports it
         except ProviderError as exc:
-            report(f"cannot look for orphaned snapshots: {exc}", "warning", vm_name)
+            log.warning("VM %s: cannot look for orphaned snapshots: %s", vm_name, exc)
             continue
         for snapshot in snapshots:
             owner = None if snapshot.id in tried else _ended_owner(store, snapshot.name, snapshot.created_at)
             if owner is None:
                 continue
-            try:
-                call_with_retry(lambda snapshot=snapshot: provider.remove_snapshot(snapshot), job.retry)
-            except ProviderError as exc:
-                report(f"orphaned snapshot {snapshot.id} ({snapshot.name}) could not be removed: {exc}",
-                       "warning", vm_name)
-                continue
-            report(f"removed orphaned snapshot {snapshot.id} ({snapshot.name}) that session {owner} created "
-                   f"but never recorded", "info", vm_name)
+            action = "would remove" if dry_run else "removed"
+            if not dry_run:
+                try:
+                    call_with_retry(lambda snapshot=snapshot: provider.remove_snapshot(snapshot), job.retry)
+                except ProviderError as exc:
+                    action = f"failed: {exc}"
+            found.append(OrphanedSnapshot(provider.name, vm_name, snapshot.id, snapshot.name, snapshot.created_at,
+                                          owner, action, False))
+    return found
+
+
+def hunt(config: "Config", store: StateStore, *, provider_name: str | None = None,
+         dry_run: bool = False) -> list[OrphanedSnapshot]:
+    """The snapshot hunter over every job (of one provider, if given): what
+    :func:`remove_orphaned_snapshots` finds on each job's VMs.
+
+    :raises NotFoundError: ``provider_name`` is not in the config.
+    """
+    from backupd.errors import NotFoundError
+    from providers import open_provider
+
+    if provider_name is not None and provider_name not in config.providers:
+        raise NotFoundError(f"no provider {provider_name!r} in {config.path}")
+    found: list[OrphanedSnapshot] = []
+    for name in sorted(config.providers):
+        if provider_name not in (None, name):
+            continue
+        provider = open_provider(name, config.providers[name])
+        try:
+            for job_name, job in sorted(config.jobs.items()):
+                if job.provider == name:
+                    found.extend(remove_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run))
+        finally:
+            provider.close()
+    return found
 
 
 def _ended_owner(store: StateStore, name: str, created_at: object) -> int | None:

@@ -14,6 +14,7 @@ from backupd.state import JobSession, SessionLog, VmTask, as_utc
 
 if TYPE_CHECKING:
     from backupd.repository import DamagedPoint, PointInfo
+    from backupd.service import Backupd
 
 
 def dumps(document: Any) -> str:
@@ -86,9 +87,13 @@ def session_document(session: JobSession, tasks: list[VmTask], log: list[Session
         full=session.full,
         stop=(
             {"mode": session.stop_mode.value, "message": session.stop_message,
-             "requested_at": _time(session.stop_requested_at)}
+             "requested_at": _time(session.stop_requested_at), "drain_deadline": _time(session.drain_deadline),
+             "reason": session.stop_reason, "recursive": session.stop_recursive}
             if session.stop_mode else None
         ),
+        trigger=session.trigger or "manual",
+        triggered_by=session.triggered_by,
+        retry_of=session.retry_of,
         duration_seconds=_seconds(session.started_at, session.ended_at),
         runner={"host": session.owner_host, "pid": session.owner_pid} if session.owner_pid else None,
         vms=[task_document(task) for task in tasks],
@@ -182,4 +187,55 @@ def session_text(document: dict[str, Any]) -> str:
         for line in document["log"]:
             who = f"[{line['vm']}] " if line["vm"] else ""
             lines.append(f"{line['at']}  {line['level']:<7} {who}{line['text']}")
+    return "\n".join(lines)
+
+
+def next_runs(service: "Backupd") -> dict[str, str]:
+    """Each scheduled job's next run as the running daemon sees it, ISO 8601 with the offset
+    of the job's schedule timezone; empty when no daemon runs (nothing would run)."""
+    from backupd.state import DaemonRegistry
+
+    registry = DaemonRegistry(service.store)
+    if registry.alive() is None:
+        return {}
+    runs = {}
+    for job, row in registry.schedules().items():
+        settings = service.config.jobs.get(job)
+        moment = as_utc(row.next_run)
+        if moment is not None:
+            zone = settings.schedule.zone() if settings is not None and settings.schedule else None
+            runs[job] = (moment.astimezone(zone) if zone else moment).isoformat()
+    return runs
+
+
+def daemon_document(service: "Backupd") -> dict[str, Any]:
+    """``daemon status --json``: ``{running, host, pid, since, config, jobs: [{job, schedule,
+    next_run}], sessions: [session list rows]}``."""
+    from backupd.state import DaemonRegistry
+
+    row = DaemonRegistry(service.store).alive()
+    upcoming = next_runs(service)
+    return {
+        "running": row is not None,
+        "host": row.host if row else None,
+        "pid": row.pid if row else None,
+        "since": _time(row.started_at) if row else None,
+        "config": row.config_path if row else None,
+        "jobs": [{"job": name, "schedule": job.schedule.describe(), "next_run": upcoming.get(name)}
+                 for name, job in sorted(service.config.jobs.items()) if job.schedule is not None],
+        "sessions": [session_summary(session) for session in service.store.running()],
+    }
+
+
+def daemon_text(document: dict[str, Any]) -> str:
+    """``daemon status`` for a person."""
+    if document["running"]:
+        head = f"daemon running: pid {document['pid']} on {document['host']} since {document['since']}"
+    else:
+        head = "no daemon is running on this state DB (scheduled jobs do not run)"
+    lines = [head, ""]
+    lines.append(table(["JOB", "SCHEDULE", "NEXT RUN"], ([j["job"], j["schedule"], j["next_run"]] for j in document["jobs"])))
+    if document["sessions"]:
+        lines += ["", table(["SESSION", "JOB", "STATE", "STARTED"],
+                            ([s["id"], s["job"], s["state"], s["started_at"]] for s in document["sessions"]))]
     return "\n".join(lines)

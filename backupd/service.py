@@ -72,13 +72,57 @@ class Backupd:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def create_session(self, job: str, *, full: bool = False) -> JobSession:
-        """Create a session of ``job`` in state ``starting``.
+    def create_session(
+        self,
+        job: str,
+        *,
+        full: bool = False,
+        trigger: str = "manual",
+        triggered_by: int | None = None,
+        owner: tuple[str, int] | None = None,
+    ) -> JobSession:
+        """Create a session of ``job`` in state ``starting``, all its VMs in job order.
 
+        :param trigger: what starts it: manual, schedule, chain.
+        :param triggered_by: the session whose end started it (chained jobs).
+        :param owner: ``(host, pid)`` of the process that will run it (default: this one).
         :raises NotFoundError: no such job.
         """
         job_config = self.config.job(job)
-        return self.store.create_session(job, job_config.vms, full=full)
+        return self.store.create_session(job, job_config.vms, full=full, trigger=trigger,
+                                         triggered_by=triggered_by, owner=owner)
+
+    def create_retry_session(self, job: str, *, automatic: bool = False,
+                             owner: tuple[str, int] | None = None) -> JobSession:
+        """Create a retry session of the job's last session: in job order, only the VMs
+        that got no restore point there (failed, cancelled, not_processed); finished VMs
+        stay finished.
+
+        :param automatic: started by the daemon's automatic retry (trigger ``auto_retry``).
+        :raises NotFoundError: no such job, it has no session, or every VM of its last session
+            got a restore point.
+        :raises UsageError: the last session still runs.
+        """
+        self.config.job(job)
+        sessions = self.store.sessions(job, limit=1)
+        if not sessions:
+            raise NotFoundError(f"job {job!r} has no session to retry")
+        last = sessions[0]
+        if last.state is not SessionState.STOPPED:
+            raise UsageError(f"session {last.id} of job {job!r} is still running; retry it when it has ended")
+        vms = [task.vm for task in self.store.tasks(last.id)  # type: ignore[arg-type]
+               if task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.NOT_PROCESSED)]
+        if not vms:
+            raise NotFoundError(f"every VM of session {last.id} (job {job!r}) got a restore point; nothing to retry")
+        return self.store.create_session(job, vms, full=last.full, trigger="auto_retry" if automatic else "retry",
+                                         retry_of=last.id, owner=owner)
+
+    def daemon_owner(self) -> tuple[str, int] | None:
+        """``(host, pid)`` of the daemon running on this state DB, if one runs."""
+        from backupd.state import DaemonRegistry
+
+        row = DaemonRegistry(self.store).alive()
+        return (row.host, row.pid) if row is not None else None
 
     def run_session(self, session_id: int) -> SessionResult:
         """Run a created session in this process until it ends (blocking)."""
@@ -108,11 +152,25 @@ class Backupd:
         self.store.update_session(session_id, owner_host=socket.gethostname(), owner_pid=child.pid)
         return child.pid
 
-    def stop_jobs(self, jobs: list[str], mode: StopMode, message: str | None) -> list[StopOutcome]:
+    def stop_jobs(
+        self,
+        jobs: list[str],
+        mode: StopMode,
+        message: str | None,
+        *,
+        drain_seconds: float | None = None,
+        recursive: bool = False,
+        reason: str = "user",
+    ) -> list[StopOutcome]:
         """Write a stop request onto every running session of each job.
 
         One job without a running session does not undo the others' stops.
 
+        :param drain_seconds: a graceful stop escalates to immediate after this long; default
+            each job's ``drain_period_seconds``.
+        :param recursive: also stop, the same way, every session the stopped sessions' chain
+            started (``after`` jobs), and start no further chained job from them.
+        :param reason: who stops: user, window, shutdown (automatic retry follows none).
         :raises NotFoundError: a job is not in the config (nothing is stopped).
         :raises UsageError: the message is longer than 320 characters.
         """
@@ -124,11 +182,20 @@ class Backupd:
         for job in dict.fromkeys(jobs):
             found = []
             for session in self.store.running_sessions(job):
-                outcome, in_force = self.store.request_stop(session.id, mode, message)  # type: ignore[arg-type]
-                if outcome != "ended":  # it ended between the query and the request
-                    found.append(StopOutcome(job, outcome, session.id, in_force))
+                chain = self.store.chain_started_by(session.id) if recursive else []  # type: ignore[arg-type]
+                for target in [session, *chain]:
+                    drain = drain_seconds if drain_seconds is not None else self._drain_period(target.job)
+                    outcome, in_force = self.store.request_stop(
+                        target.id, mode, message, drain_seconds=drain, reason=reason, recursive=recursive,  # type: ignore[arg-type]
+                    )
+                    if outcome != "ended":  # it ended between the query and the request
+                        found.append(StopOutcome(target.job, outcome, target.id, in_force))
             outcomes.extend(found or [StopOutcome(job, "no_running_session", None, None)])
         return outcomes
+
+    def _drain_period(self, job: str) -> float | None:
+        settings = self.config.jobs.get(job)
+        return settings.drain_period_seconds if settings is not None else None
 
     def settle_stops(self, outcomes: list[StopOutcome]) -> list[StopOutcome]:
         """After the stopped sessions ended: a stop that changed nothing (no VM was cancelled

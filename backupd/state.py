@@ -18,7 +18,7 @@ import socket
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
-from sqlalchemy import Column, Enum, case, event, literal, update
+from sqlalchemy import Column, Enum, case, delete, event, literal, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -79,6 +79,18 @@ class JobSession(SQLModel, table=True):
     owner_host: str | None = None
     owner_pid: int | None = None
     heartbeat_at: datetime | None = None
+    #: what started it: manual, schedule, chain, retry, auto_retry (None in old rows: manual)
+    trigger: str | None = Field(default=None, max_length=16)
+    #: the session whose end started this one (a chained job)
+    triggered_by: int | None = None
+    #: the session this one retries (its VMs that got no restore point)
+    retry_of: int | None = None
+    #: when a graceful stop escalates to immediate (the drain period's end)
+    drain_deadline: datetime | None = None
+    #: the stop also stops the sessions this session's chain started and starts no more
+    stop_recursive: bool = False
+    #: who stopped it: user, window, shutdown (automatic retry never follows those)
+    stop_reason: str | None = Field(default=None, max_length=16)
 
 
 class VmTask(SQLModel, table=True):
@@ -132,6 +144,32 @@ class VmLock(SQLModel, table=True):
     key: str = Field(primary_key=True)
     session_id: int
     acquired_at: datetime = Field(default_factory=utcnow)
+
+
+class Daemon(SQLModel, table=True):
+    """The daemon running on this state DB (one row, ``name = "main"``), for ``daemon
+    status`` and for ``job start`` handing sessions to it."""
+
+    __tablename__ = "daemon"
+
+    name: str = Field(primary_key=True)
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    config_path: str
+
+
+class JobSchedule(SQLModel, table=True):
+    """The next scheduled run of a job, as the running daemon sees it."""
+
+    __tablename__ = "job_schedule"
+
+    job: str = Field(primary_key=True)
+    next_run: datetime | None = None
+    #: e.g. "cron 30 22 * * 1-5 (Europe/Berlin)"
+    schedule: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -198,6 +236,10 @@ class StateStore:
                 if "already exists" not in str(exc.orig) or attempt == attempts - 1:
                     raise
 
+    def safe_url(self) -> str:
+        """The state DB's URL with its password hidden, for messages."""
+        return self._safe_url()
+
     def _safe_url(self) -> str:
         from sqlalchemy.engine import make_url
 
@@ -246,14 +288,33 @@ class StateStore:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def create_session(self, job: str, vms: list[str], *, full: bool) -> JobSession:
-        """Insert a session in state ``starting`` with one pending VM task per VM, in order."""
+    def create_session(
+        self,
+        job: str,
+        vms: list[str],
+        *,
+        full: bool,
+        trigger: str = "manual",
+        triggered_by: int | None = None,
+        retry_of: int | None = None,
+        owner: tuple[str, int] | None = None,
+    ) -> JobSession:
+        """Insert a session in state ``starting`` with one pending VM task per VM, in order.
+
+        :param trigger: what started it: manual, schedule, chain, retry, auto_retry.
+        :param triggered_by: the session whose end started it (a chained job).
+        :param retry_of: the session it retries.
+        :param owner: ``(host, pid)`` of the process that will run it (the daemon, when
+            ``job start`` hands the session over); by default this process.
+        """
+        host, pid = owner or (socket.gethostname(), os.getpid())
         with self._session() as db:
-            # The creating process owns the session until a runner claims it, so a session
-            # whose creator died before any runner started is seen as dead, not running.
+            # The creating process (or the daemon it hands the session to) owns the session
+            # until a runner claims it, so a session whose owner died before any runner
+            # started is seen as dead, not running.
             row = JobSession(
-                job=job, full=full, state=SessionState.STARTING,
-                owner_host=socket.gethostname(), owner_pid=os.getpid(),
+                job=job, full=full, state=SessionState.STARTING, owner_host=host, owner_pid=pid,
+                trigger=trigger, triggered_by=triggered_by, retry_of=retry_of,
             )
             db.add(row)
             db.flush()
@@ -305,7 +366,16 @@ class StateStore:
             started_at=utcnow(),
         )
 
-    def request_stop(self, session_id: int, mode: StopMode, message: str | None) -> tuple[str, StopMode | None]:
+    def request_stop(
+        self,
+        session_id: int,
+        mode: StopMode,
+        message: str | None,
+        *,
+        drain_seconds: float | None = None,
+        reason: str = "user",
+        recursive: bool = False,
+    ) -> tuple[str, StopMode | None]:
         """Write a stop request onto a session that still has VMs to process; its runner
         acts on it.
 
@@ -315,6 +385,13 @@ class StateStore:
         harmless. A session that has ended, or whose VMs have all finished (it is only
         wrapping up), is left as it is: the stop would change nothing.
 
+        A graceful stop's drain period starts with its first request: ``drain_deadline`` is
+        set then (``now + drain_seconds``) and kept by repeats; the runner escalates to
+        immediate when it passes.
+
+        :param drain_seconds: a graceful stop's drain period; None: no deadline.
+        :param reason: who stops it: user, window, shutdown (the first request's stays).
+        :param recursive: also stop what this session's chain started, and start no more.
         :returns: ``("stop_requested", mode now in force)``, ``("too_late", None)`` when
             every VM of the session had already finished, or ``("ended", None)``.
         :raises NotFoundError: no session with that id.
@@ -327,7 +404,15 @@ class StateStore:
         else:
             new_mode = case((column.is_(None), literal(StopMode.GRACEFUL, column.type)), else_=column)
             requested_at = case((column.is_(None), now), else_=JobSession.stop_requested_at)
-        fields: dict[str, Any] = {"stop_mode": new_mode, "stop_requested_at": requested_at}
+        first = column.is_(None)
+        fields: dict[str, Any] = {
+            "stop_mode": new_mode,
+            "stop_requested_at": requested_at,
+            "stop_reason": case((first, reason), else_=JobSession.stop_reason),
+        }
+        if mode is StopMode.GRACEFUL and drain_seconds is not None:
+            deadline = now + timedelta(seconds=drain_seconds)
+            fields["drain_deadline"] = case((first, deadline), else_=JobSession.drain_deadline)
         if message is not None:
             fields["stop_message"] = message
         unfinished = (
@@ -336,6 +421,12 @@ class StateStore:
             .exists()
         )
         with self._session() as db:
+            if recursive:  # even too late to stop its VMs, the chain must start nothing more
+                db.exec(
+                    update(JobSession)  # type: ignore[call-overload]
+                    .where(JobSession.id == session_id, JobSession.state != SessionState.STOPPED)
+                    .values(stop_recursive=True)
+                )
             applied = db.exec(
                 update(JobSession)  # type: ignore[call-overload]
                 .where(JobSession.id == session_id, JobSession.state != SessionState.STOPPED, unfinished)
@@ -346,6 +437,35 @@ class StateStore:
         if applied:
             return "stop_requested", session.stop_mode
         return ("ended" if session.state is SessionState.STOPPED else "too_late"), None
+
+    def running(self) -> list[JobSession]:
+        """Every session not yet ``stopped``, oldest first."""
+        with self._session() as db:
+            query = select(JobSession).where(JobSession.state != SessionState.STOPPED).order_by(JobSession.id)  # type: ignore[arg-type]
+            return list(db.exec(query))
+
+    def ended_since(self, moment: datetime) -> list[JobSession]:
+        """Sessions that ended at or after ``moment``, oldest end first."""
+        with self._session() as db:
+            query = (
+                select(JobSession)
+                .where(JobSession.state == SessionState.STOPPED, JobSession.ended_at >= moment)  # type: ignore[operator]
+                .order_by(JobSession.ended_at, JobSession.id)  # type: ignore[arg-type]
+            )
+            return list(db.exec(query))
+
+    def chain_started_by(self, session_id: int) -> list[JobSession]:
+        """The running sessions this session's chain started: its children (``triggered_by``),
+        their children, and so on."""
+        running = self.running()
+        found: list[JobSession] = []
+        parents = {session_id}
+        while True:
+            children = [row for row in running if row.triggered_by in parents and row not in found]
+            if not children:
+                return found
+            found.extend(children)
+            parents = {row.id for row in children}  # type: ignore[misc]
 
     def advance_session(self, session_id: int, *, from_state: SessionState, to_state: SessionState) -> bool:
         """Move a session from one state to the next only if it is still in the first (so a
@@ -362,18 +482,22 @@ class StateStore:
             db.commit()
         return bool(moved)
 
-    def stop_request(self, session_id: int) -> StopMode | None:
-        """The stop mode requested for the session, if any (polled by the runner).
+    def stop_request(self, session_id: int) -> tuple[StopMode | None, datetime | None]:
+        """The stop mode requested for the session, if any, and a graceful stop's drain
+        deadline (polled by the runner).
 
         A session already ``stopped`` (recovery ended it, taking its runner for dead) answers
         immediate: a runner that finds its session ended must stop at once.
         """
         with self._session() as db:
-            row = db.exec(select(JobSession.stop_mode, JobSession.state).where(JobSession.id == session_id)).first()
+            row = db.exec(
+                select(JobSession.stop_mode, JobSession.state, JobSession.drain_deadline)
+                .where(JobSession.id == session_id)
+            ).first()
         if row is None:
-            return None
-        mode, state = row
-        return StopMode.IMMEDIATE if state is SessionState.STOPPED else mode
+            return None, None
+        mode, state, deadline = row
+        return (StopMode.IMMEDIATE if state is SessionState.STOPPED else mode), as_utc(deadline)
 
     # -- VM tasks ---------------------------------------------------------------------------
 
@@ -524,6 +648,66 @@ class StateStore:
             )
             db.commit()
         return True
+
+
+class DaemonRegistry:
+    """The daemon's own rows: who runs (``daemon``), and each job's next run
+    (``job_schedule``), read by ``daemon status``, ``job list`` and ``job start``."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    def register(self, config_path: str) -> None:
+        """Record this process as the running daemon (after it took the daemon lock)."""
+        now = utcnow()
+        with self._store._session() as db:
+            db.merge(Daemon(name="main", host=socket.gethostname(), pid=os.getpid(), started_at=now,
+                            heartbeat_at=now, config_path=config_path))
+            db.commit()
+
+    def beat(self) -> None:
+        with self._store._session() as db:
+            db.exec(update(Daemon).where(Daemon.name == "main").values(heartbeat_at=utcnow()))  # type: ignore[call-overload]
+            db.commit()
+
+    def unregister(self) -> None:
+        """The daemon is stopping: no next runs any more; its row stays, its heartbeat the
+        moment it was last up (the next daemon starts runs missed since then)."""
+        with self._store._session() as db:
+            db.exec(update(Daemon).where(Daemon.name == "main").values(heartbeat_at=utcnow()))  # type: ignore[call-overload]
+            db.exec(delete(JobSchedule))  # type: ignore[call-overload]
+            db.commit()
+
+    def current(self) -> Daemon | None:
+        """The daemon row, alive or left by one that died (see :meth:`alive`)."""
+        with self._store._session() as db:
+            return db.get(Daemon, "main")
+
+    def alive(self) -> Daemon | None:
+        """The running daemon: its row, if its process lives (this host) and its heartbeat is
+        fresh; None otherwise."""
+        row = self.current()
+        if row is None:
+            return None
+        beat = as_utc(row.heartbeat_at)
+        if beat is None or beat < utcnow() - timedelta(seconds=STALE_HEARTBEAT_SECONDS):
+            return None
+        if row.host == socket.gethostname() and not pid_alive(row.pid):
+            return None
+        return row
+
+    def set_schedules(self, runs: dict[str, tuple[datetime | None, str]]) -> None:
+        """Replace every job's next run: ``{job: (next run or None, description)}``."""
+        now = utcnow()
+        with self._store._session() as db:
+            db.exec(delete(JobSchedule))  # type: ignore[call-overload]
+            for job, (next_run, description) in runs.items():
+                db.add(JobSchedule(job=job, next_run=next_run, schedule=description, updated_at=now))
+            db.commit()
+
+    def schedules(self) -> dict[str, JobSchedule]:
+        with self._store._session() as db:
+            return {row.job: row for row in db.exec(select(JobSchedule))}
 
 
 def _reason(exc: DBAPIError) -> str:

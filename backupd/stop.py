@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime
 
 from backupd.enums import StopMode
 from backupd.errors import StateError
@@ -35,6 +36,8 @@ class StopSignal:
         self.no_new_vms = threading.Event()
         self.cancel = threading.Event()
         self.mode: StopMode | None = None
+        #: when a graceful stop escalates to immediate, if it has a drain period
+        self.drain_deadline: datetime | None = None
         #: the state DB failure that stopped the session, if one did
         self.state_error: StateError | None = None
         self._lock = threading.Lock()
@@ -45,7 +48,7 @@ class StopSignal:
         :returns: the stop mode in force, None when no stop was requested.
         :raises StateError: the state DB cannot be read.
         """
-        mode = self._store.stop_request(self._session_id)
+        mode, self.drain_deadline = self._store.stop_request(self._session_id)
         if mode is not None and self.mode is not StopMode.IMMEDIATE:
             self.mode = mode
             self.no_new_vms.set()

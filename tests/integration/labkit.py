@@ -146,6 +146,8 @@ class Lab:
             values = {"provider": "lab", "repository": "local", "retry": {"attempts": 3, "wait_seconds": 0}}
             values.update(job)
             parts.append(_toml_table(f"jobs.{name}", values))
+        if s.get("daemon"):
+            parts.append(_toml_table("daemon", s["daemon"]))
         self.config.write_text("\n".join(parts))
 
     def write_raw_config(self, text: str) -> None:

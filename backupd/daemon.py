@@ -1,0 +1,513 @@
+"""``backupd daemon``: runs jobs on their schedules, for months, and cleans up after any crash.
+
+One process, in the foreground (systemd, a container or a terminal runs it), logging one line
+per event on stderr. Its loop, every :data:`TICK_SECONDS`:
+
+- starts the sessions whose scheduled time has come (``cron`` and ``every`` triggers from
+  :mod:`backupd.schedule`; APScheduler gives the times, the state DB records what ran), the
+  chained jobs (``after``) of sessions that ended, automatic retries that are due, and the
+  sessions ``job start`` handed over;
+- stops sessions whose job's backup window has ended (graceful, with the drain period);
+- notices sessions that ended (any process) and acts: chains, automatic retry, notifications;
+- every :data:`RECOVERY_SECONDS` (and at start and exit) runs recovery: sessions whose runner
+  is gone end ``failed``, and the snapshot hunter removes what ended sessions left.
+
+**A process per session.** Each session runs in its own ``python -m backupd.host`` process,
+started and reaped by the daemon: a session that crashes — an exception in a provider, a
+segfault in a C extension, ``kill -9`` — takes down nothing but itself; the daemon sees the
+process gone and recovers the session. Threads in one process would share every such fate, and
+a stuck provider call could not be killed. The cost is a Python start per session (~0.3 s).
+
+**Signals.** SIGTERM or SIGINT: start nothing more; graceful stop of every session the daemon
+runs, each with its job's drain period; a second signal: immediate. The daemon exits 0 once
+every session has ended and the snapshot hunter has run. SIGHUP: reload the config; an invalid
+one is refused with the same messages as at start and the old one stays.
+
+**One daemon per state DB.** A lock held for the daemon's life (SQLite: ``flock`` on
+``<db>.daemon-lock``; PostgreSQL: a session-level advisory lock); a second daemon exits at once
+with :data:`EXIT_ANOTHER_DAEMON`, naming the running one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backupd.config import Config, load_config
+from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
+from backupd.errors import BackupdError, ConfigError, StateError
+from backupd.schedule import build_trigger
+from backupd.state import DaemonRegistry, JobSession, StateStore, as_utc, utcnow
+
+if TYPE_CHECKING:
+    from backupd.schedule import CronSchedule, Every
+    from backupd.service import Backupd
+
+log = logging.getLogger("backupd.daemon")
+
+#: seconds between two turns of the daemon's loop (sessions handed over start within one)
+TICK_SECONDS = 0.5
+#: seconds between two recovery passes (dead sessions, the snapshot hunter)
+RECOVERY_SECONDS = 60.0
+#: seconds between two heartbeats of the daemon's row
+HEARTBEAT_SECONDS = 5.0
+#: exit code of a second daemon on a state DB that has one
+EXIT_ANOTHER_DAEMON = 5
+
+
+# -- one daemon per state DB ----------------------------------------------------------------
+
+
+class DaemonLock:
+    """Held for the daemon's life; the kernel (SQLite) or the server (PostgreSQL) drops it
+    when the process dies, so a crashed daemon never blocks the next."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self.release = release
+
+    @classmethod
+    def take(cls, store: StateStore) -> "DaemonLock | None":
+        """:returns: the lock, or None when another daemon holds it."""
+        from sqlalchemy import text
+        from sqlalchemy.engine import make_url
+
+        url = make_url(store.url)
+        if url.get_backend_name() == "sqlite":
+            fd = os.open(f"{url.database}.daemon-lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            return cls(lambda: os.close(fd))
+        connection = store.engine.connect()  # kept open: the advisory lock lives with it
+        taken = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _ADVISORY_KEY}).scalar()
+        connection.commit()
+        if not taken:
+            connection.close()
+            return None
+        return cls(connection.close)
+
+
+#: the PostgreSQL advisory lock key of the daemon (any constant; "bkupd" in ASCII)
+_ADVISORY_KEY = 0x626B757064
+
+
+# -- what is due when -------------------------------------------------------------------------
+
+
+class Planner:
+    """The next run of every ``cron`` and ``every`` job.
+
+    :param config: the config whose schedules to follow.
+    :param anchors: per job, where an ``every`` interval counts from (its last scheduled
+        session, else the daemon's start).
+    :param now: the current time.
+    """
+
+    def __init__(self, config: Config, anchors: dict[str, datetime], now: datetime) -> None:
+        self.triggers: dict[str, CronSchedule | Every] = {}
+        self.next: dict[str, datetime | None] = {}
+        for name, job in config.jobs.items():
+            if job.schedule is None:
+                continue
+            trigger = build_trigger(job.schedule, anchors.get(name, now))
+            if trigger is not None:
+                self.triggers[name] = trigger
+                self.next[name] = trigger.next_after(now)
+
+    def due(self, now: datetime) -> list[tuple[str, datetime]]:
+        """The runs whose time has come, each job's next run moved past ``now`` (runs missed
+        by a busy loop are coalesced into the one returned)."""
+        runs = []
+        for name, at in self.next.items():
+            if at is not None and at <= now:
+                runs.append((name, at))
+                self.next[name] = self.triggers[name].next_after(now)
+        return runs
+
+    def missed(self, since: datetime, now: datetime) -> dict[str, list[datetime]]:
+        """Per job, the runs whose time fell in ``(since, now]`` (the daemon was down)."""
+        from backupd.schedule import fire_times
+
+        found = {name: fire_times(trigger, since, now) for name, trigger in self.triggers.items()}
+        return {name: times for name, times in found.items() if times}
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    session: int
+    job: str
+    process: subprocess.Popen[bytes]
+
+
+@dataclass
+class _State:
+    children: dict[int, _Child] = field(default_factory=dict)
+    retries: list[tuple[datetime, str]] = field(default_factory=list)
+    handled_ends: set[int] = field(default_factory=set)
+    signals: list[int] = field(default_factory=list)
+    reload: bool = False
+
+
+class Daemon:
+    """The scheduler and supervisor of sessions (see the module docstring).
+
+    :param config: the validated config.
+    :param clock: the current time, timezone-aware UTC (tests inject one).
+    """
+
+    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utcnow) -> None:
+        from backupd.service import Backupd
+
+        self.config = config
+        self.clock = clock
+        self.service: Backupd = Backupd(config)
+        self.store: StateStore = self.service.store
+        self.registry = DaemonRegistry(self.store)
+        self._state = _State()
+        self._planner: Planner | None = None
+        self._stopping = 0  # 0 running, 1 graceful shutdown, 2 immediate
+        self._owner = (socket.gethostname(), os.getpid())
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT and every session has ended.
+
+        :returns: 0, or :data:`EXIT_ANOTHER_DAEMON` when another daemon runs on the state DB.
+        """
+        lock = DaemonLock.take(self.store)
+        if lock is None:
+            other = self.registry.current()
+            who = f"pid {other.pid} on {other.host}, since {as_utc(other.started_at):%Y-%m-%d %H:%M:%S} UTC" \
+                if other else "its record is not written yet"
+            log.error("another daemon runs on the state DB %s (%s); this one exits", self.store.safe_url(), who)
+            return EXIT_ANOTHER_DAEMON
+        previous = self.registry.current()
+        last_seen = as_utc(previous.heartbeat_at) if previous is not None else None
+        self.registry.register(str(self.config.path))
+        handlers = self._install_signal_handlers()
+        try:
+            now = self.clock()
+            log.info("daemon started: pid %d, config %s, %d scheduled job(s)", os.getpid(), self.config.path,
+                     sum(1 for job in self.config.jobs.values() if job.schedule is not None))
+            self._recover()
+            self._planner = Planner(self.config, self._anchors(now), now)
+            if last_seen is not None:
+                self._start_missed(last_seen, now)
+            self._publish_schedules()
+            self._loop()
+            self._recover()
+            log.info("daemon stopped: every session has ended")
+            return 0
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self.registry.unregister()
+            lock.release()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        def on_stop(signum: int, _frame: Any) -> None:
+            self._state.signals.append(signum)
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            self._state.reload = True
+
+        handlers = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+        return handlers
+
+    def _loop(self) -> None:
+        import time
+
+        last_recovery = last_beat = time.monotonic()
+        self._watermark = self.clock() - timedelta(seconds=TICK_SECONDS)
+        while not (self._stopping and not self._state.children):
+            self._handle_signals()
+            self._reap_children()
+            self._handle_ended_sessions()
+            if not self._stopping:
+                self._start_due()
+                self._start_handed_over()
+                self._close_windows()
+            if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+                last_beat = time.monotonic()
+                self._guarded(self.registry.beat)
+            if time.monotonic() - last_recovery >= RECOVERY_SECONDS:
+                last_recovery = time.monotonic()
+                self._recover()
+            time.sleep(TICK_SECONDS)
+
+    def _guarded(self, action: Callable[[], object]) -> None:
+        """A state DB failure is logged and the loop goes on (the DB may come back)."""
+        try:
+            action()
+        except StateError as exc:
+            log.error("%s", exc)
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def _handle_signals(self) -> None:
+        if self._state.reload:
+            self._state.reload = False
+            self._reload()
+        while self._state.signals:
+            self._state.signals.pop(0)
+            self._stopping = min(self._stopping + 1, 2)
+            mode = StopMode.GRACEFUL if self._stopping == 1 else StopMode.IMMEDIATE
+            log.info("%s: %s stop of %d running session(s)",
+                     "shutting down" if self._stopping == 1 else "second signal", mode.value, len(self._state.children))
+            for child in list(self._state.children.values()):
+                drain = self._job_setting(child.job, "drain_period_seconds")
+                self._guarded(lambda child=child, drain=drain: self.store.request_stop(
+                    child.session, mode, "the daemon is shutting down", drain_seconds=drain, reason="shutdown"))
+
+    def _reload(self) -> None:
+        try:
+            config = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("SIGHUP: the config was not reloaded; the daemon keeps the one it has: %s", exc)
+            return
+        self.config = config
+        self.service.config = config
+        now = self.clock()
+        self._planner = Planner(config, self._anchors(now), now)
+        self._publish_schedules()
+        log.info("SIGHUP: config %s reloaded, %d scheduled job(s)", config.path,
+                 sum(1 for job in config.jobs.values() if job.schedule is not None))
+
+    # -- starting sessions ----------------------------------------------------------------------
+
+    def _start_due(self) -> None:
+        assert self._planner is not None
+        now = self.clock()
+        due = self._planner.due(now)
+        for job, at in due:
+            self._start(job, "schedule", why=f"scheduled for {at.isoformat()}")
+        if due:
+            self._publish_schedules()
+        for when, job in [r for r in self._state.retries if r[0] <= now]:
+            self._state.retries.remove((when, job))
+            self._start(job, "auto_retry", why="automatic retry")
+
+    def _start_missed(self, last_seen: datetime, now: datetime) -> None:
+        """Runs whose time passed while the daemon was down: the newest starts once if it is
+        within ``misfire_grace_seconds``; the others are logged as missed (never a burst)."""
+        assert self._planner is not None
+        grace = timedelta(seconds=self.config.daemon.misfire_grace_seconds)
+        for job, times in sorted(self._planner.missed(last_seen, now).items()):
+            newest = times[-1]
+            late = [t for t in times if t is not newest or now - t > grace]
+            for at in late:
+                log.warning("job %s: run of %s was missed while the daemon was down", job, at.isoformat())
+            if now - newest <= grace:
+                self._start(job, "schedule", why=f"missed run of {newest.isoformat()}, started late")
+
+    def _start(self, job: str, trigger: str, *, why: str, triggered_by: int | None = None) -> int | None:
+        """Create and spawn a session, unless one of the job runs or its window is closed."""
+        settings = self.config.jobs.get(job)
+        if settings is None:
+            return None
+        try:
+            running = self.store.running_sessions(job)
+            if running:
+                log.warning("job %s: %s skipped: session %s is still running", job, why, running[0].id)
+                return None
+            window = settings.backup_window
+            if window is not None and settings.schedule is not None \
+                    and not window.contains(self.clock(), settings.schedule.zone()):
+                log.warning("job %s: %s skipped: outside its backup window %s", job, why, window.describe())
+                return None
+            if trigger == "auto_retry":
+                session = self.service.create_retry_session(job, automatic=True, owner=self._owner)
+            else:
+                session = self.service.create_session(job, trigger=trigger, triggered_by=triggered_by, owner=self._owner)
+        except BackupdError as exc:
+            log.error("job %s: %s: the session could not be created: %s", job, why, exc)
+            return None
+        self._spawn(session)
+        log.info("session %s of job %s started (%s)", session.id, job, why)
+        return session.id
+
+    def _start_handed_over(self) -> None:
+        """Sessions ``job start`` created for this daemon (owner: this process)."""
+        def pick() -> None:
+            for session in self.store.running():
+                if (session.state is SessionState.STARTING and (session.owner_host, session.owner_pid) == self._owner
+                        and session.id not in self._state.children):
+                    self._spawn(session)
+                    log.info("session %s of job %s started (handed over by job start)", session.id, session.job)
+
+        self._guarded(pick)
+
+    def _spawn(self, session: JobSession) -> None:
+        from backupd.host import spawn_session_process
+
+        assert session.id is not None
+        log_path = self.config.path.parent / "logs" / f"session-{session.id}.log"
+        try:
+            process = spawn_session_process(self.config.path, session.id, log_path)
+        except OSError as exc:
+            self.store.end_session(session.id, SessionResult.FAILED, f"could not start the session's process: {exc}",
+                                   unfinished=TaskStatus.NOT_PROCESSED)
+            log.error("session %s: could not start its process: %s", session.id, exc)
+            return
+        self._state.children[session.id] = _Child(session.id, session.job, process)
+
+    # -- sessions that ended ------------------------------------------------------------------------
+
+    def _reap_children(self) -> None:
+        for child in list(self._state.children.values()):
+            code = child.process.poll()
+            if code is None:
+                continue
+            del self._state.children[child.session]
+            if code not in (0, 1, 2):  # not a session's exit code: killed, or the runner broke
+                log.error("session %s: its process ended abnormally (exit %s); recovering", child.session, code)
+                self._recover()
+
+    def _handle_ended_sessions(self) -> None:
+        def scan() -> None:
+            since = self._watermark
+            self._watermark = self.clock() - timedelta(seconds=2 * TICK_SECONDS)
+            for session in self.store.ended_since(since):
+                if session.id not in self._state.handled_ends:
+                    self._state.handled_ends.add(session.id)  # type: ignore[arg-type]
+                    self._session_ended(session)
+
+        self._guarded(scan)
+
+    def _session_ended(self, session: JobSession) -> None:
+        tasks = self.store.tasks(session.id)  # type: ignore[arg-type]
+        result = session.result.value if session.result else "?"
+        log.info("session %s of job %s ended: %s%s", session.id, session.job, result,
+                 f" ({session.message})" if session.message else "")
+        for task in tasks:
+            detail = task.error or task.warning
+            log.info("  VM %s: %s%s", task.vm, task.status.value, f" ({detail})" if detail else "")
+        self._notify(session, tasks)
+        if self._stopping:
+            return
+        self._start_chained(session)
+        self._schedule_retry(session, tasks)
+
+    def _start_chained(self, session: JobSession) -> None:
+        for name, job in sorted(self.config.jobs.items()):
+            if job.schedule is None or job.schedule.after != session.job:
+                continue
+            if session.stop_recursive:
+                log.info("job %s: not started after session %s: that session was stopped recursively", name, session.id)
+                continue
+            self._start(name, "chain", why=f"after session {session.id} of job {session.job}", triggered_by=session.id)
+
+    def _schedule_retry(self, session: JobSession, tasks: list) -> None:
+        settings = self.config.jobs.get(session.job)
+        if settings is None or settings.auto_retry is None or session.result is not SessionResult.FAILED:
+            return
+        if session.stop_reason is not None:
+            return  # stopped by a user, a window or a shutdown: never retried automatically
+        if not any(t.status in (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.NOT_PROCESSED) for t in tasks):
+            return
+        done = self._retries_made(session)
+        if done >= settings.auto_retry.times:
+            log.warning("job %s: session %s failed; its %d automatic retries are used up", session.job, session.id, done)
+            return
+        when = self.clock() + timedelta(seconds=settings.auto_retry.wait_seconds)
+        self._state.retries.append((when, session.job))
+        log.info("job %s: automatic retry %d of %d at %s", session.job, done + 1, settings.auto_retry.times,
+                 when.isoformat())
+
+    def _retries_made(self, session: JobSession) -> int:
+        count = 0
+        while session.trigger == "auto_retry" and session.retry_of is not None:
+            count += 1
+            session = self.store.session(session.retry_of)
+        return count
+
+    def _notify(self, session: JobSession, tasks: list) -> None:
+        settings = self.config.jobs.get(session.job)
+        urls = [*self.config.daemon.notify, *(settings.notify if settings else [])]
+        if not urls:
+            return
+        from backupd.notify import notify
+        from backupd.render import session_document
+
+        for problem in notify(urls, session_document(session, tasks)):
+            log.warning("session %s: notification failed: %s", session.id, problem)
+
+    # -- windows ------------------------------------------------------------------------------------
+
+    def _close_windows(self) -> None:
+        """Scheduled sessions still running when their job's backup window ends are stopped
+        gracefully, with the drain period; a manual one (``job start``) ignores the window."""
+        now = self.clock()
+
+        def close() -> None:
+            for session in self.store.running():
+                settings = self.config.jobs.get(session.job)
+                if (settings is None or settings.backup_window is None or settings.schedule is None
+                        or session.trigger in (None, "manual", "retry") or session.stop_mode is not None):
+                    continue
+                window = settings.backup_window
+                if not window.contains(now, settings.schedule.zone()):
+                    text = f"the backup window {window.describe()} of job {session.job} ended"
+                    self.store.request_stop(session.id, StopMode.GRACEFUL, text,  # type: ignore[arg-type]
+                                            drain_seconds=settings.drain_period_seconds, reason="window")
+                    log.warning("session %s: %s; graceful stop with a drain period of %g s", session.id, text,
+                                settings.drain_period_seconds)
+
+        self._guarded(close)
+
+    # -- recovery and bookkeeping -----------------------------------------------------------------
+
+    def _recover(self) -> None:
+        from backupd.recovery import hunt, recover_dead_sessions
+
+        def recover() -> None:
+            for session_id in recover_dead_sessions(self.config, self.store):
+                log.warning("recovery: session %s ended failed: runner process died", session_id)
+            for orphan in hunt(self.config, self.store):
+                log.warning("recovery: %s", orphan.describe())
+
+        self._guarded(recover)
+
+    def _anchors(self, now: datetime) -> dict[str, datetime]:
+        """Where ``every`` intervals count from: each job's last scheduled session."""
+        anchors = {}
+        for name, job in self.config.jobs.items():
+            if job.schedule is not None and job.schedule.every is not None:
+                last = next((s for s in self.store.sessions(name, limit=20) if s.trigger == "schedule"), None)
+                anchors[name] = as_utc(last.created_at) if last is not None else now  # type: ignore[assignment]
+        return anchors
+
+    def _publish_schedules(self) -> None:
+        assert self._planner is not None
+        runs = {name: (self._planner.next.get(name), job.schedule.describe())
+                for name, job in self.config.jobs.items() if job.schedule is not None}
+        self._guarded(lambda: self.registry.set_schedules(runs))
+
+    def _job_setting(self, job: str, key: str) -> Any:
+        settings = self.config.jobs.get(job)
+        return getattr(settings, key) if settings is not None else None
+
+
+def run_daemon(config_path: Path) -> int:
+    """``backupd daemon``: load the config and run the daemon until it is stopped.
+
+    :raises ConfigError: the config is invalid (nothing is started).
+    """
+    config = load_config(config_path)
+    return Daemon(config).run()

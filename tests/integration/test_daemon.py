@@ -1,0 +1,313 @@
+"""``backupd daemon`` driven as systemd or an administrator would: a real daemon process,
+``every`` schedules a few seconds apart, signals, ``kill -9``; outcomes read through the CLI
+and the daemon's own log (stderr), polled, never slept for."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labkit import EXIT_FAILED, EXIT_NOT_FOUND, Background, Lab, describe, vms_by_name, wait_until
+
+pytestmark = pytest.mark.slow
+
+EXIT_ANOTHER_DAEMON = 5
+
+
+class Daemon:
+    """A ``backupd daemon`` process of the lab."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.bg: Background = lab.popen("daemon")
+        self.pid = self.bg.proc.pid
+        wait_until(lambda: lab.run_json("daemon", "status")["pid"] == self.pid, what="the daemon to be up")
+
+    def log(self) -> str:
+        return self.bg._err.read_text()
+
+    def wait_log(self, words: str, timeout: float = 60.0) -> str:
+        return wait_until(lambda: words in self.log() and self.log(), timeout, what=f"daemon log line {words!r}")
+
+    def stop(self, rc: int = 0) -> str:
+        if self.bg.proc.poll() is None:
+            self.bg.proc.send_signal(signal.SIGTERM)
+        done = self.bg.finish(timeout=120)
+        assert done.returncode == rc, describe(done, f"the daemon exits {rc}")
+        return done.stderr
+
+
+@pytest.fixture
+def daemons(lab: Lab):  # noqa: ANN201 - yields a factory
+    started: list[Daemon] = []
+
+    def start() -> Daemon:
+        started.append(Daemon(lab))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        if daemon.bg.proc.poll() is None:
+            daemon.bg.proc.send_signal(signal.SIGKILL)
+            daemon.bg.proc.wait()
+
+
+def _sessions(lab: Lab, job: str) -> list[dict[str, Any]]:
+    return [lab.session(s["id"]) for s in reversed(lab.sessions(job))]
+
+
+def _ended(lab: Lab, job: str, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    def enough() -> list[dict[str, Any]] | None:
+        done = [s for s in lab.sessions(job) if s["state"] == "stopped"]
+        return list(reversed(done)) if len(done) >= count else None
+
+    return [lab.session(s["id"]) for s in wait_until(enough, timeout, what=f"{count} ended sessions of {job}")]
+
+
+def test_a_scheduled_job_runs_on_time_and_a_second_daemon_is_refused(lab: Lab, daemons) -> None:  # noqa: ANN001
+    lab.configure(vms={"web": "4 MiB"}, jobs={"nightly": {"vms": ["web"], "schedule": {"every": "2s"}}})
+    lab.fill("web")
+    daemon = daemons()
+
+    first, second = _ended(lab, "nightly", 2)
+    assert [s["result"] for s in (first, second)] == ["success", "success"]
+    assert first["trigger"] == "schedule"
+    status = lab.run_json("daemon", "status")
+    assert status["running"] and status["pid"] == daemon.pid
+    (job,) = status["jobs"]
+    assert job["job"] == "nightly" and job["schedule"] == "every 2s"
+    assert datetime.fromisoformat(job["next_run"]).tzinfo is not None
+    assert {j["name"]: j["next_run"] for j in lab.run_json("job", "list")}["nightly"]
+
+    again = lab.run("daemon")
+    assert again.returncode == EXIT_ANOTHER_DAEMON
+    assert f"another daemon runs on the state DB" in again.stderr and f"pid {daemon.pid}" in again.stderr
+
+    log = daemon.stop()
+    assert "session 1 of job nightly started (scheduled for" in log
+    assert "daemon stopped: every session has ended" in log
+    assert lab.run_json("daemon", "status")["running"] is False
+    assert lab.backupd_snapshots() == {}
+
+
+def test_a_chain_runs_in_order_and_a_recursive_stop_stops_it(lab: Lab, daemons) -> None:  # noqa: ANN001
+    lab.configure(
+        vms={"vm-a": "8 MiB", "vm-b": "4 MiB", "vm-c": "4 MiB"},
+        jobs={"infra": {"vms": ["vm-a"]},
+              "apps": {"vms": ["vm-b"], "schedule": {"after": "infra"}},
+              "reports": {"vms": ["vm-c"], "schedule": {"after": "apps"}}},
+    )
+    for seed, vm in enumerate(("vm-a", "vm-b", "vm-c")):
+        lab.fill(vm, seed=seed)
+    daemon = daemons()
+
+    handed = lab.run_json("job", "start", "infra")
+    assert handed["daemon"]["pid"] == daemon.pid
+    (reports,) = _ended(lab, "reports", 1)
+    (infra,) = _sessions(lab, "infra")
+    (apps,) = _sessions(lab, "apps")
+    assert infra["id"] == handed["session"] and infra["result"] == "success"
+    assert (apps["trigger"], apps["triggered_by"]) == ("chain", infra["id"])
+    assert (reports["trigger"], reports["triggered_by"]) == ("chain", apps["id"])
+    assert infra["ended_at"] <= apps["started_at"] and apps["ended_at"] <= reports["started_at"]
+
+    lab.configure(read_mib_per_s=1)  # the next infra session takes 8 s
+    second = lab.run_json("job", "start", "infra", "--full")["session"]
+    lab.wait_for_vms_in_flight(second, ["vm-a"])
+    stops = lab.run_json("job", "stop", "infra", "--recursive", "--immediate")["stops"]
+    assert [(s["job"], s["outcome"]) for s in stops] == [("infra", "stop_requested")]
+    daemon.wait_log(f"job apps: not started after session {second}: that session was stopped recursively")
+    assert lab.session(second)["stop"]["recursive"] is True
+    assert len(lab.sessions("apps")) == 1, "no chained job starts after a recursive stop"
+
+
+def test_a_window_ending_mid_session_stops_it_gracefully_then_immediately(lab: Lab, daemons) -> None:  # noqa: ANN001
+    now = datetime.now(timezone.utc)
+    start, end = (now - timedelta(hours=1)).strftime("%H:%M:%S"), (now + timedelta(seconds=6)).strftime("%H:%M:%S")
+    lab.configure(
+        vms={"vm-a": "32 MiB", "vm-b": "4 MiB"},
+        jobs={"nightly": {"vms": ["vm-a", "vm-b"], "schedule": {"every": "1s", "timezone": "UTC"},
+                          "backup_window": {"start": start, "end": end}, "drain_period_seconds": 2}},
+        read_mib_per_s=2,
+    )
+    lab.fill("vm-a")
+    daemon = daemons()
+
+    (session,) = _ended(lab, "nightly", 1, timeout=90)
+    assert session["trigger"] == "schedule"
+    assert session["stop"]["reason"] == "window" and session["stop"]["mode"] == "immediate"
+    assert session["stop"]["drain_deadline"]
+    assert session["result"] == "failed" and f"the backup window {start}-{end} of job nightly ended" in session["message"]
+    log = "\n".join(line["text"] for line in session["log"])
+    assert "graceful stop requested" in log and "the drain period ended" in log
+    assert [vm["status"] for vm in session["vms"]] == ["cancelled", "not_processed"]
+    daemon.wait_log("skipped: outside its backup window")
+    assert lab.backupd_snapshots() == {}
+
+
+def test_automatic_retry_processes_only_the_vm_that_failed(lab: Lab, daemons) -> None:  # noqa: ANN001
+    lab.configure(vms={"vm-a": "4 MiB", "vm-b": "4 MiB"},
+                  jobs={"nightly": {"vms": ["vm-a", "vm-b"], "auto_retry": {"times": 2, "wait_seconds": 5}}})
+    lab.fill("vm-a", seed=1)
+    lab.fill("vm-b", seed=2)
+    lab.sim("fault", "vm-b", "--op", "read", "--permanent")
+    daemons()
+
+    first = lab.run_json("job", "start", "nightly")["session"]
+    failed = lab.wait_stopped(first)
+    lab.sim("fault", "vm-b", "--clear")
+    assert [(vm["name"], vm["status"]) for vm in failed["vms"]] == [("vm-a", "success"), ("vm-b", "failed")]
+
+    _, retry = _ended(lab, "nightly", 2)
+    assert (retry["trigger"], retry["retry_of"], retry["result"]) == ("auto_retry", first, "success")
+    assert [vm["name"] for vm in retry["vms"]] == ["vm-b"]
+    assert lab.restore("vm-b")[1] == bytes(lab.disks["vm-b"])
+
+
+def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid(lab: Lab, daemons) -> None:  # noqa: ANN001
+    lab.configure(vms={"web": "4 MiB"}, jobs={"nightly": {"vms": ["web"], "schedule": {"every": "1h"}}})
+    daemon = daemons()
+    assert lab.run_json("daemon", "status")["jobs"][0]["schedule"] == "every 1h"
+
+    lab.configure(jobs={"nightly": {"vms": ["web"], "schedule": {"every": "2s"}}})
+    daemon.bg.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("SIGHUP: config")
+    _ended(lab, "nightly", 1)
+
+    valid = lab.config.read_text()
+    lab.write_raw_config(valid.replace('every = "2s"', 'every = "2 fortnights"'))
+    daemon.bg.proc.send_signal(signal.SIGHUP)
+    log = daemon.wait_log("SIGHUP: the config was not reloaded")
+    assert "jobs.nightly.schedule.every" in log and "2 fortnights" in log
+    refused = log.index("SIGHUP: the config was not reloaded")
+    wait_until(lambda: "of job nightly started (scheduled" in daemon.log()[refused:],
+               what="the old schedule to go on")
+    lab.write_raw_config(valid)
+
+
+def test_sigterm_stops_sessions_gracefully_and_a_second_one_immediately(lab: Lab, daemons) -> None:  # noqa: ANN001
+    lab.configure(vms={"vm-a": "32 MiB", "vm-b": "4 MiB"}, jobs={"nightly": {"vms": ["vm-a", "vm-b"]}},
+                  read_mib_per_s=1)
+    lab.fill("vm-a")
+    daemon = daemons()
+    session = lab.run_json("job", "start", "nightly")["session"]
+    lab.wait_for_vms_in_flight(session, ["vm-a"])
+
+    daemon.bg.proc.send_signal(signal.SIGTERM)
+    stopping = lab.wait_for_session(session, lambda d: d["stop"] is not None, what="the graceful stop")
+    assert (stopping["stop"]["mode"], stopping["stop"]["reason"]) == ("graceful", "shutdown")
+    assert vms_by_name(stopping)["vm-a"]["status"] == "running", "the VM in flight goes on"
+    daemon.bg.proc.send_signal(signal.SIGTERM)
+    log = daemon.stop()
+
+    doc = lab.session(session)
+    assert (doc["result"], doc["stop"]["mode"]) == ("failed", "immediate")
+    assert [vm["status"] for vm in doc["vms"]] == ["cancelled", "not_processed"]
+    assert "second signal: immediate stop" in log
+    assert lab.backupd_snapshots() == {}
+
+
+def test_kill_9_of_a_session_process_and_of_the_daemon_then_restart(lab: Lab, daemons) -> None:  # noqa: ANN001
+    """The crash targets: after kill -9 of a session process and of the daemon, and a restart,
+    no session is left running, no snapshot on any VM, every restore point verifies and the
+    next scheduled session succeeds."""
+    lab.configure(vms={"vm-a": "16 MiB", "vm-b": "4 MiB"}, jobs={"nightly": {"vms": ["vm-a", "vm-b"]}},
+                  read_mib_per_s=2)
+    lab.fill("vm-a", seed=1)
+    lab.fill("vm-b", seed=2)
+    daemon = daemons()
+    session = lab.run_json("job", "start", "nightly")["session"]
+    doc = lab.wait_for_vms_in_flight(session, ["vm-a"])
+    os.kill(doc["runner"]["pid"], signal.SIGKILL)
+    ended = lab.wait_stopped(session)
+    assert (ended["result"], ended["message"]) == ("failed", "runner process died")
+    daemon.wait_log(f"session {session}: its process ended abnormally (exit -9); recovering")
+    wait_until(lambda: lab.backupd_snapshots() == {}, what="the killed session's snapshot to be removed")
+
+    second = lab.run_json("job", "start", "nightly")["session"]
+    lab.wait_for_vms_in_flight(second, ["vm-a"])
+    daemon.bg.proc.send_signal(signal.SIGKILL)
+    daemon.bg.proc.wait()
+
+    lab.configure(read_mib_per_s=0, jobs={"nightly": {"vms": ["vm-a", "vm-b"], "schedule": {"every": "2s"}}})
+    restarted = daemons()
+    wait_until(lambda: all(s["state"] == "stopped" for s in lab.sessions()), what="no session left running")
+    scheduled = wait_until(lambda: [s for s in _sessions(lab, "nightly") if s["trigger"] == "schedule"
+                                    and s["state"] == "stopped"], what="a scheduled session after the restart")
+    assert scheduled[0]["result"] == "success"
+    restarted.stop()
+    assert lab.backupd_snapshots() == {}
+    assert lab.run_json("restore-point", "verify", "--all")["ok"]
+    assert not any((lab.repo / "staging").iterdir()), "no staging debris"
+
+
+def test_the_snapshot_hunter_removes_prefixed_snapshots_of_ended_sessions_only(lab: Lab) -> None:
+    lab.configure(vms={"web": "4 MiB"}, jobs={"nightly": {"vms": ["web"]}})
+    ended = lab.start_wait("nightly")["id"]
+    from backupd.config import load_config
+    from providers import open_provider
+
+    provider = open_provider("lab", load_config(lab.config).providers["lab"])
+    vm = provider.find_vm("web")
+    leaked = provider.create_snapshot(vm, name=f"backupd-nightly-{ended}", description="", quiesce=False)
+    provider.create_snapshot(vm, name="before-upgrade", description="", quiesce=False)
+
+    dry = lab.run_json("snapshot", "hunt", "--dry-run")
+    assert [(o["vm"], o["snapshot"], o["session"], o["action"]) for o in dry] == [("web", leaked.id, ended, "would remove")]
+    assert len(lab.snapshots()["web"]) == 2
+    done = lab.run_json("snapshot", "hunt")
+    assert [o["action"] for o in done] == ["removed"]
+    assert [s["name"] for s in lab.snapshots()["web"]] == ["before-upgrade"]
+    assert lab.run_json("snapshot", "hunt") == []
+
+
+def test_a_run_missed_while_the_daemon_was_down_starts_once(lab: Lab, daemons) -> None:  # noqa: ANN001
+    lab.configure(vms={"web": "4 MiB"}, jobs={"nightly": {"vms": ["web"], "schedule": {"cron": "* * * * *"}}},
+                  daemon={"misfire_grace_seconds": 600})
+    daemons().stop()
+    with sqlite3.connect(lab.state_db) as db:  # the daemon was last up 5 minutes ago
+        db.execute("update daemon set heartbeat_at = datetime('now', '-5 minutes')")
+
+    daemon = daemons()
+    (session,) = _ended(lab, "nightly", 1)
+    log = daemon.log()
+    assert session["trigger"] == "schedule"
+    assert log.count("was missed while the daemon was down") >= 3
+    assert log.count("started late") == 1, "missed runs are coalesced, never a burst"
+
+
+def test_a_drain_period_escalates_a_graceful_stop(lab: Lab) -> None:
+    lab.configure(vms={"vm-a": "32 MiB"}, jobs={"nightly": {"vms": ["vm-a"]}}, read_mib_per_s=1)
+    lab.fill("vm-a")
+    runner = lab.popen("job", "start", "nightly", "--wait", "--json")
+    session = lab.wait_for_new_session("nightly")
+    lab.wait_for_vms_in_flight(session, ["vm-a"])
+    lab.run_json("job", "stop", "nightly", "--drain", "1")
+
+    doc = runner.finish_json(rc=EXIT_FAILED)
+    assert doc["stop"]["mode"] == "immediate" and doc["stop"]["drain_deadline"]
+    assert doc["vms"][0]["status"] == "cancelled"
+    assert any("the drain period ended" in line["text"] for line in doc["log"])
+    assert lab.run("job", "stop", "nightly", "--immediate", "--drain", "5").returncode == 64
+
+
+def test_a_retry_session_processes_only_the_vms_without_a_restore_point(lab: Lab) -> None:
+    lab.configure(vms={"vm-a": "4 MiB", "vm-b": "4 MiB"}, jobs={"nightly": {"vms": ["vm-a", "vm-b"]}})
+    lab.fill("vm-b")
+    lab.sim("fault", "vm-b", "--op", "create_snapshot", "--permanent")
+    first = lab.start_wait("nightly", rc=EXIT_FAILED)
+    lab.sim("fault", "vm-b", "--clear")
+
+    retry = lab.start_wait("nightly", "--retry")
+    assert (retry["trigger"], retry["retry_of"]) == ("retry", first["id"])
+    assert [(vm["name"], vm["status"]) for vm in retry["vms"]] == [("vm-b", "success")]
+    nothing = lab.run("job", "start", "nightly", "--retry")
+    assert nothing.returncode == EXIT_NOT_FOUND and "nothing to retry" in nothing.stderr
+    assert json.loads(lab.run("session", "show", retry["id"], "--json").stdout)["retry_of"] == first["id"]
