@@ -43,6 +43,9 @@ RUNNER_DIED = "runner process died"
 #: every snapshot backupd creates is named ``backupd-<job>-<session id>``
 SNAPSHOT_PREFIX = "backupd-"
 _SNAPSHOT_NAME = re.compile(rf"^{SNAPSHOT_PREFIX}(?P<job>.+)-(?P<session>[1-9][0-9]{{0,17}})$")
+#: how every session log line about a removed orphaned snapshot begins; backupd.metrics
+#: counts these lines (``backupd_orphaned_snapshots_removed_total``)
+ORPHAN_REMOVED = "removed orphaned snapshot"
 #: a snapshot older than its session by more than this (clock differences between hosts) was
 #: not made by it: another installation's session that happens to have the same id
 _CLOCK_SLACK = timedelta(minutes=5)
@@ -153,7 +156,7 @@ def remove_orphaned_snapshots(
                    "warning", task.vm)
             continue
         store.update_task(task.id, snapshot_removed=True, snapshot_error=None)  # type: ignore[arg-type]
-        report(f"removed orphaned snapshot {task.snapshot_id} left by session {task.session_id}"
+        report(f"{ORPHAN_REMOVED} {task.snapshot_id} left by session {task.session_id}"
                + ("" if snapshot else " (it was already gone)"), "info", task.vm)
 
     for vm_name in job.vms:
@@ -175,7 +178,7 @@ def remove_orphaned_snapshots(
                 report(f"orphaned snapshot {snapshot.id} ({snapshot.name}) could not be removed: {exc}",
                        "warning", vm_name)
                 continue
-            report(f"removed orphaned snapshot {snapshot.id} ({snapshot.name}) that session {owner} created "
+            report(f"{ORPHAN_REMOVED} {snapshot.id} ({snapshot.name}) that session {owner} created "
                    f"but never recorded", "info", vm_name)
 
 
