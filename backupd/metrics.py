@@ -45,6 +45,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -250,17 +251,17 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class MetricsServer:
     """A running metrics endpoint (``GET /metrics``, any path answers) on a daemon thread."""
 
-    def __init__(self, server: object, thread: threading.Thread) -> None:
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
         self._server = server
         self._thread = thread
         #: the address and port it listens on (the real port when 0 was asked for)
-        self.host: str = server.server_address[0]  # type: ignore[attr-defined]
-        self.port: int = server.server_port  # type: ignore[attr-defined]
+        self.host: str = str(server.server_address[0])
+        self.port: int = server.server_port
 
     def shutdown(self) -> None:
         """Stop answering, close the listening socket and wait for the server thread."""
-        self._server.shutdown()  # type: ignore[attr-defined]
-        self._server.server_close()  # type: ignore[attr-defined]
+        self._server.shutdown()
+        self._server.server_close()
         self._thread.join()
 
 
