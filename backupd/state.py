@@ -18,11 +18,7 @@ import socket
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
-<<<<<<< HEAD
-from sqlalchemy import Column, Enum, case, delete, event, literal, update
-=======
-from sqlalchemy import Column, Enum, case, event, func, literal, update
->>>>>>> metrics-notify
+from sqlalchemy import Column, Enum, case, delete, event, func, literal, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
