@@ -149,6 +149,8 @@ class OrphanedSnapshot:
         what = f"orphaned snapshot {self.snapshot} ({self.name}) {how} session {self.session}"
         if self.action.startswith("failed"):
             return f"{what} could not be removed: {self.action.removeprefix('failed: ')}"
+        if self.action == "removed":
+            return f"{ORPHAN_REMOVED} {what.removeprefix('orphaned snapshot ')}"  # metrics count these lines
         return f"{self.action} {what}" if self.action != "already gone" else f"{what}: it was already gone"
 
 
@@ -178,7 +180,6 @@ def remove_orphaned_snapshots(
             if snapshot is not None and not dry_run:
                 call_with_retry(lambda: provider.remove_snapshot(snapshot), job.retry)
         except ProviderError as exc:
-<<<<<<< HEAD
             action = f"failed: {exc}"
             snapshot = None
             if not dry_run:
@@ -187,15 +188,6 @@ def remove_orphaned_snapshots(
             store.update_task(task.id, snapshot_removed=True, snapshot_error=None)  # type: ignore[arg-type]
         found.append(OrphanedSnapshot(provider.name, task.vm, task.snapshot_id or "", snapshot.name if snapshot else "",  # type: ignore[arg-type]
                                       snapshot.created_at if snapshot else None, task.session_id, action, True))
-=======
-            store.update_task(task.id, snapshot_error=str(exc))  # type: ignore[arg-type]
-            report(f"orphaned snapshot {task.snapshot_id} of session {task.session_id} could not be removed: {exc}",
-                   "warning", task.vm)
-            continue
-        store.update_task(task.id, snapshot_removed=True, snapshot_error=None)  # type: ignore[arg-type]
-        report(f"{ORPHAN_REMOVED} {task.snapshot_id} left by session {task.session_id}"
-               + ("" if snapshot else " (it was already gone)"), "info", task.vm)
->>>>>>> metrics-notify
 
     for vm_name in job.vms:
         try:
@@ -210,7 +202,6 @@ def remove_orphaned_snapshots(
             owner = None if snapshot.id in tried else _ended_owner(store, snapshot.name, snapshot.created_at)
             if owner is None:
                 continue
-<<<<<<< HEAD
             action = "would remove" if dry_run else "removed"
             if not dry_run:
                 try:
@@ -246,16 +237,6 @@ def hunt(config: "Config", store: StateStore, *, provider_name: str | None = Non
         finally:
             provider.close()
     return found
-=======
-            try:
-                call_with_retry(lambda snapshot=snapshot: provider.remove_snapshot(snapshot), job.retry)
-            except ProviderError as exc:
-                report(f"orphaned snapshot {snapshot.id} ({snapshot.name}) could not be removed: {exc}",
-                       "warning", vm_name)
-                continue
-            report(f"{ORPHAN_REMOVED} {snapshot.id} ({snapshot.name}) that session {owner} created "
-                   f"but never recorded", "info", vm_name)
->>>>>>> metrics-notify
 
 
 def _ended_owner(store: StateStore, name: str, created_at: object) -> int | None:

@@ -9,7 +9,6 @@ import os
 import signal
 import sqlite3
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,7 +87,7 @@ def test_a_scheduled_job_runs_on_time_and_a_second_daemon_is_refused(lab: Lab, d
 
     again = lab.run("daemon")
     assert again.returncode == EXIT_ANOTHER_DAEMON
-    assert f"another daemon runs on the state DB" in again.stderr and f"pid {daemon.pid}" in again.stderr
+    assert "another daemon runs on the state DB" in again.stderr and f"pid {daemon.pid}" in again.stderr
 
     log = daemon.stop()
     assert "session 1 of job nightly started (scheduled for" in log
