@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from backupd.errors import ConfigError
-from backupd.schedule import AutoRetryConfig, DaemonConfig, ScheduleConfig, WindowConfig
+from backupd.schedule import AutoRetryConfig, DaemonConfig, ScheduleConfig, WindowConfig, check_notify_urls
 from providers.config_types import FolderPath, Name, absolute, refuse_files_on_the_way
 from providers.simulated.config import SimulatedProviderConfig
 
@@ -188,6 +188,11 @@ class JobConfig(BaseModel):
     auto_retry: AutoRetryConfig | None = None
     #: apprise URLs told when a session of this job ends
     notify: list[str] = Field(default_factory=list)
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, urls: list[str]) -> list[str]:
+        return check_notify_urls(urls)
 
     @field_validator("vms")
     @classmethod

@@ -200,6 +200,7 @@ class Daemon:
         last_seen = as_utc(previous.heartbeat_at) if previous is not None else None
         self.registry.register(str(self.config.path))
         handlers = self._install_signal_handlers()
+        metrics = self._serve_metrics()
         try:
             now = self.clock()
             log.info("daemon started: pid %d, config %s, %d scheduled job(s)", os.getpid(), self.config.path,
@@ -214,10 +215,28 @@ class Daemon:
             log.info("daemon stopped: every session has ended")
             return 0
         finally:
+            if metrics is not None:
+                metrics.shutdown()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.registry.unregister()
             lock.release()
+
+    def _serve_metrics(self) -> Any:
+        """The Prometheus endpoint (``[daemon] metrics_listen``), or None when off or when it
+        cannot listen (logged: the daemon runs on without it)."""
+        listen = self.config.daemon.metrics_listen
+        if listen is None:
+            return None
+        from backupd.metrics import serve_metrics
+
+        try:
+            server = serve_metrics(self.store, listen)
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s: %s; the daemon runs without metrics", listen, exc)
+            return None
+        log.info("metrics: serving on http://%s:%d/metrics", server.host, server.port)
+        return server
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         def on_stop(signum: int, _frame: Any) -> None:

@@ -194,6 +194,34 @@ class DaemonConfig(BaseModel):
     metrics_listen: str | None = None
     notify: list[str] = Field(default_factory=list)
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            from backupd.metrics import parse_listen
+
+            parse_listen(value)
+        return value
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, urls: list[str]) -> list[str]:
+        return check_notify_urls(urls)
+
+
+def check_notify_urls(urls: list[str]) -> list[str]:
+    """A validator of ``notify`` lists: every URL one apprise can use (messages redact them).
+
+    :raises ValueError: naming each URL apprise cannot use.
+    """
+    if urls:
+        from backupd.notify import check_urls
+
+        problems = check_urls(urls)
+        if problems:
+            raise ValueError("; ".join(problems))
+    return urls
+
 
 # -- triggers ---------------------------------------------------------------------------------
 

@@ -310,3 +310,58 @@ def test_a_retry_session_processes_only_the_vms_without_a_restore_point(lab: Lab
     nothing = lab.run("job", "start", "nightly", "--retry")
     assert nothing.returncode == EXIT_NOT_FOUND and "nothing to retry" in nothing.stderr
     assert json.loads(lab.run("session", "show", retry["id"], "--json").stdout)["retry_of"] == first["id"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_metrics_are_served_and_a_notification_reaches_a_webhook(lab: Lab, daemons) -> None:  # noqa: ANN001
+    """Given a daemon with a metrics endpoint and a job that notifies a local webhook, when a
+    session ends, then the webhook receives the job, session, result and VM statuses, and a
+    Prometheus scrape over HTTP counts the session."""
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    received: list[dict[str, Any]] = []
+
+    class Webhook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    webhook = HTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=webhook.serve_forever, daemon=True).start()
+    metrics_port = _free_port()
+    try:
+        lab.configure(vms={"web": "4 MiB", "db": "4 MiB"},
+                      jobs={"nightly": {"vms": ["web", "db"], "notify": [f"json://127.0.0.1:{webhook.server_port}/"]}},
+                      daemon={"metrics_listen": f"127.0.0.1:{metrics_port}"})
+        lab.sim("fault", "db", "--op", "create_snapshot", "--permanent")
+        daemons()
+        session = lab.run_json("job", "start", "nightly")["session"]
+        lab.wait_stopped(session)
+
+        (message,) = wait_until(lambda: received, what="the notification")
+        assert f"session {session}" in message["title"] and "failed" in message["title"]
+        assert "web: success" in message["message"] and "db: failed" in message["message"]
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        assert samples[("backupd_sessions_total", (("job", "nightly"), ("result", "failed")))] == 1
+        assert samples[("backupd_vm_tasks_total", (("job", "nightly"), ("status", "success")))] == 1
+        assert samples[("backupd_vm_tasks_total", (("job", "nightly"), ("status", "failed")))] == 1
+    finally:
+        webhook.shutdown()
