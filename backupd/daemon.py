@@ -3,10 +3,11 @@
 One process, in the foreground (systemd, a container or a terminal runs it), logging one line
 per event on stderr. Its loop, every :data:`TICK_SECONDS`:
 
-- starts the sessions whose scheduled time has come (``cron`` and ``every`` triggers from
+- creates the sessions whose scheduled time has come (``cron`` and ``every`` triggers from
   :mod:`backupd.schedule`; APScheduler gives the times, the state DB records what ran), the
-  chained jobs (``after``) of sessions that ended, automatic retries that are due, and the
-  sessions ``job start`` handed over;
+  chained jobs (``after``) of sessions that ended and automatic retries that are due, and
+  starts them — with the sessions ``job start`` handed over — at most ``[daemon]
+  max_sessions`` at once, the others waiting their turn in state ``starting``;
 - stops sessions whose job's backup window has ended (graceful, with the drain period);
 - notices sessions that ended (any process) and acts: chains, automatic retry, notifications;
 - every :data:`RECOVERY_SECONDS` (and at start and exit) runs recovery: sessions whose runner
@@ -62,6 +63,8 @@ RECOVERY_SECONDS = 60.0
 HEARTBEAT_SECONDS = 5.0
 #: exit code of a second daemon on a state DB that has one
 EXIT_ANOTHER_DAEMON = 5
+#: how far back each look for ended sessions reaches (an end committed late is still seen)
+_END_LAG = timedelta(seconds=30)
 
 
 # -- one daemon per state DB ----------------------------------------------------------------
@@ -157,7 +160,7 @@ class _Child:
 class _State:
     children: dict[int, _Child] = field(default_factory=dict)
     retries: list[tuple[datetime, str]] = field(default_factory=list)
-    handled_ends: set[int] = field(default_factory=set)
+    handled_ends: dict[int, datetime | None] = field(default_factory=dict)
     signals: list[int] = field(default_factory=list)
     reload: bool = False
 
@@ -181,6 +184,8 @@ class Daemon:
         self._planner: Planner | None = None
         self._stopping = 0  # 0 running, 1 graceful shutdown, 2 immediate
         self._owner = (socket.gethostname(), os.getpid())
+        #: why each session created by this daemon and not yet started was created, for its log line
+        self._why: dict[int, str] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -253,14 +258,14 @@ class Daemon:
         import time
 
         last_recovery = last_beat = time.monotonic()
-        self._watermark = self.clock() - timedelta(seconds=TICK_SECONDS)
+        self._watermark = self.clock() - timedelta(seconds=TICK_SECONDS)  # ends while down start nothing
         while not (self._stopping and not self._state.children):
             self._handle_signals()
             self._reap_children()
             self._handle_ended_sessions()
             if not self._stopping:
                 self._start_due()
-                self._start_handed_over()
+                self._start_queued()
                 self._close_windows()
             if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
                 last_beat = time.monotonic()
@@ -293,6 +298,17 @@ class Daemon:
                 drain = self._job_setting(child.job, "drain_period_seconds")
                 self._guarded(lambda child=child, drain=drain: self.store.request_stop(
                     child.session, mode, "the daemon is shutting down", drain_seconds=drain, reason="shutdown"))
+            self._guarded(self._end_unstarted)
+
+    def _end_unstarted(self) -> None:
+        """Sessions handed over but not started yet will not start: end them now rather than
+        leave them to recovery."""
+        for session in self.store.running():
+            if (session.state is SessionState.STARTING and (session.owner_host, session.owner_pid) == self._owner
+                    and session.id not in self._state.children):
+                self.store.end_session(session.id, SessionResult.FAILED,  # type: ignore[arg-type]
+                                       "not started: the daemon was shutting down", unfinished=TaskStatus.NOT_PROCESSED)
+                log.warning("session %s of job %s not started: the daemon is shutting down", session.id, session.job)
 
     def _reload(self) -> None:
         try:
@@ -357,18 +373,24 @@ class Daemon:
         except BackupdError as exc:
             log.error("job %s: %s: the session could not be created: %s", job, why, exc)
             return None
-        self._spawn(session)
-        log.info("session %s of job %s started (%s)", session.id, job, why)
+        self._why[session.id] = why  # type: ignore[index]
+        self._start_queued()
         return session.id
 
-    def _start_handed_over(self) -> None:
-        """Sessions ``job start`` created for this daemon (owner: this process)."""
+    def _start_queued(self) -> None:
+        """Start the sessions created for this daemon (by a trigger, or handed over by ``job
+        start``) that wait for a process, oldest first, while fewer than ``max_sessions`` run."""
         def pick() -> None:
+            free = self.config.daemon.max_sessions - len(self._state.children)
             for session in self.store.running():
+                if free <= 0:
+                    return
                 if (session.state is SessionState.STARTING and (session.owner_host, session.owner_pid) == self._owner
                         and session.id not in self._state.children):
                     self._spawn(session)
-                    log.info("session %s of job %s started (handed over by job start)", session.id, session.job)
+                    free -= 1
+                    why = self._why.pop(session.id, "handed over by job start")  # type: ignore[arg-type]
+                    log.info("session %s of job %s started (%s)", session.id, session.job, why)
 
         self._guarded(pick)
 
@@ -399,13 +421,19 @@ class Daemon:
                 self._recover()
 
     def _handle_ended_sessions(self) -> None:
+        """Act once on every session that ended since the last look. The look reaches back
+        :data:`_END_LAG` so an end committed late (a busy DB) is still seen; ids already
+        handled are remembered that long."""
         def scan() -> None:
             since = self._watermark
-            self._watermark = self.clock() - timedelta(seconds=2 * TICK_SECONDS)
+            self._watermark = self.clock() - _END_LAG
+            handled = self._state.handled_ends
             for session in self.store.ended_since(since):
-                if session.id not in self._state.handled_ends:
-                    self._state.handled_ends.add(session.id)  # type: ignore[arg-type]
+                if session.id not in handled:
+                    handled[session.id] = as_utc(session.ended_at)  # type: ignore[index, assignment]
                     self._session_ended(session)
+            for old in [sid for sid, ended in handled.items() if ended is None or ended < since]:
+                del handled[old]
 
         self._guarded(scan)
 
@@ -493,15 +521,13 @@ class Daemon:
     # -- recovery and bookkeeping -----------------------------------------------------------------
 
     def _recover(self) -> None:
-        from backupd.recovery import hunt, recover_dead_sessions
+        from backupd.recovery import recover
 
-        def recover() -> None:
-            for session_id in recover_dead_sessions(self.config, self.store):
-                log.warning("recovery: session %s ended failed: runner process died", session_id)
-            for orphan in hunt(self.config, self.store):
-                log.warning("recovery: %s", orphan.describe())
+        def run() -> None:
+            for action in recover(self.config, self.store):
+                log.warning("recovery: %s", action)
 
-        self._guarded(recover)
+        self._guarded(run)
 
     def _anchors(self, now: datetime) -> dict[str, datetime]:
         """Where ``every`` intervals count from: each job's last scheduled session."""

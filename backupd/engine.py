@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Callable
 from backupd.config import Config
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.errors import RepositoryError, StateError
-from backupd.recovery import remove_orphaned_snapshots
-from backupd.state import JobSession, StateStore, utcnow
+from backupd.recovery import recover
+from backupd.state import DaemonRegistry, JobSession, StateStore, utcnow
 from backupd.stop import StopSignal
 
 if TYPE_CHECKING:
@@ -154,9 +154,9 @@ class SessionRunner:
         assert session_id is not None
         repository = self.config.repositories[self.job.repository].open(create=True)
         provider = open_provider(self.job.provider, self.config.providers[self.job.provider])
-        for orphan in remove_orphaned_snapshots(self.store, provider, self.session.job, self.job):
-            level = "warning" if orphan.action.startswith("failed") else "info"
-            self.store.log(session_id, orphan.describe(), level=level, vm=orphan.vm)
+        if DaemonRegistry(self.store).alive() is None:  # a running daemon does it every minute
+            for action in recover(self.config, self.store):
+                self.store.log(session_id, f"recovery: {action}", level="warning" if "could not" in action else "info")
         self.store.advance_session(session_id, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
         self.store.log(session_id, f"session started: job {self.session.job}, {len(self.job.vms)} VMs")
 

@@ -1,5 +1,9 @@
 """Recovery after a crash: sessions whose runner is gone, and snapshots no live session owns.
 
+:func:`recover` is the one entry point for a whole pass. Dead sessions alone are also ended
+whenever the state DB is opened (any command), so no listing ever shows a dead session as
+running; that part needs no provider and costs one query when nothing is dead.
+
 The crash row of the stop contract (docs/design.md): on restart, sessions whose runner is gone
 end ``failed``; snapshots recorded but not removed are removed; unfinished repository writes
 are discarded (the repository does that itself on open); and the snapshot hunter removes
@@ -56,6 +60,27 @@ def snapshot_name(job: str, session_id: int) -> str:
     return f"{SNAPSHOT_PREFIX}{job}-{session_id}"
 
 
+def recover(config: "Config", store: StateStore) -> list[str]:
+    """The whole crash row of the stop contract, in one pass (the daemon runs it at start,
+    every minute and when a session process dies; a session runs it at its start when no
+    daemon runs): sessions whose runner is gone end ``failed`` and free their VM locks;
+    snapshots ended sessions left are removed (the snapshot hunter, every job); repository
+    staging of dead writers is discarded.
+
+    :returns: one line per action, for a log.
+    :raises StateError: the state DB cannot be used.
+    """
+    actions = [f"session {sid} ended failed: {RUNNER_DIED}" for sid in recover_dead_sessions(config, store)]
+    actions += [orphan.describe() for orphan in hunt(config, store)]
+    for name, repository in sorted(config.repositories.items()):
+        if repository.path.is_dir():
+            try:
+                repository.open(create=False)  # discards dead writers' staging
+            except BackupdError as exc:
+                actions.append(f"repository {name}: cannot check for unfinished writes: {exc}")
+    return actions
+
+
 # -- sessions whose runner is gone --------------------------------------------------------------
 
 
@@ -101,6 +126,7 @@ def _recover(config: "Config", store: StateStore, session: JobSession) -> None:
             fields["error"] = f"the session's {reason.removeprefix('its ')}{stage}; no restore point was made"
         store.update_task(task.id, **fields)  # type: ignore[arg-type]
     store.end_session(session_id, SessionResult.FAILED, RUNNER_DIED, unfinished=TaskStatus.FAILED)
+    store.release_locks(session_id)
     store.log(session_id, f"recovered: {reason}; the session is recorded failed", level="error")
     log.warning("session %s: %s; recorded failed", session_id, reason)
 
@@ -222,6 +248,7 @@ def hunt(config: "Config", store: StateStore, *, provider_name: str | None = Non
     """
     from backupd.errors import NotFoundError
     from providers import open_provider
+    from providers.base import ProviderError
 
     if provider_name is not None and provider_name not in config.providers:
         raise NotFoundError(f"no provider {provider_name!r} in {config.path}")
@@ -229,7 +256,11 @@ def hunt(config: "Config", store: StateStore, *, provider_name: str | None = Non
     for name in sorted(config.providers):
         if provider_name not in (None, name):
             continue
-        provider = open_provider(name, config.providers[name])
+        try:
+            provider = open_provider(name, config.providers[name])
+        except ProviderError as exc:
+            log.warning("provider %s: cannot look for orphaned snapshots: %s", name, exc)
+            continue
         try:
             for job_name, job in sorted(config.jobs.items()):
                 if job.provider == name:

@@ -184,6 +184,8 @@ class DaemonConfig(BaseModel):
 
     :ivar misfire_grace_seconds: a run whose time passed while the daemon was down starts once
         when it starts, if it is at most this late; older ones are logged as missed.
+    :ivar max_sessions: sessions run at once; a session process costs ~60 MB and its share of
+        the cores, so 100 jobs due at the same minute queue instead of starting 100 processes.
     :ivar metrics_listen: ``HOST:PORT`` of the Prometheus endpoint, off when absent.
     :ivar notify: apprise URLs told about every session's end (jobs add their own).
     """
@@ -191,6 +193,8 @@ class DaemonConfig(BaseModel):
     model_config = _FROZEN
 
     misfire_grace_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400, allow_inf_nan=False)
+    #: sessions the daemon runs at once (one process each); more wait their turn, oldest first
+    max_sessions: int = Field(default=8, ge=1, le=1000, strict=True)
     metrics_listen: str | None = None
     notify: list[str] = Field(default_factory=list)
 

@@ -577,6 +577,12 @@ class StateStore:
             db.commit()
             return None if taken.rowcount == 1 else self.try_lock_vm(key, session_id)
 
+    def release_locks(self, session_id: int) -> None:
+        """Release every VM lock a session holds (recovery of a dead session)."""
+        with self._session() as db:
+            db.exec(delete(VmLock).where(VmLock.session_id == session_id))  # type: ignore[call-overload]
+            db.commit()
+
     def release_vm(self, key: str, session_id: int) -> None:
         with self._session() as db:
             lock = db.get(VmLock, key)
@@ -767,8 +773,17 @@ class DaemonRegistry:
             db.commit()
 
     def beat(self) -> None:
+        """The daemon's heartbeat, which is also that of the sessions waiting in it for a
+        process (state ``starting``, owned by the daemon): they are alive while it is."""
+        now = utcnow()
         with self._store._session() as db:
-            db.exec(update(Daemon).where(Daemon.name == "main").values(heartbeat_at=utcnow()))  # type: ignore[call-overload]
+            db.exec(update(Daemon).where(Daemon.name == "main").values(heartbeat_at=now))  # type: ignore[call-overload]
+            db.exec(
+                update(JobSession)  # type: ignore[call-overload]
+                .where(JobSession.state == SessionState.STARTING, JobSession.owner_host == socket.gethostname(),
+                       JobSession.owner_pid == os.getpid())
+                .values(heartbeat_at=now)
+            )
             db.commit()
 
     def unregister(self) -> None:

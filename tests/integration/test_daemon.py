@@ -365,3 +365,21 @@ def test_metrics_are_served_and_a_notification_reaches_a_webhook(lab: Lab, daemo
         assert samples[("backupd_vm_tasks_total", (("job", "nightly"), ("status", "failed")))] == 1
     finally:
         webhook.shutdown()
+
+
+def test_sessions_beyond_max_sessions_wait_their_turn(lab: Lab, daemons) -> None:  # noqa: ANN001
+    lab.configure(vms={"vm-a": "24 MiB", "vm-b": "4 MiB"},
+                  jobs={"first": {"vms": ["vm-a"]}, "second": {"vms": ["vm-b"]}},
+                  daemon={"max_sessions": 1}, read_mib_per_s=2)
+    lab.fill("vm-a")
+    daemons()
+    first = lab.run_json("job", "start", "first")["session"]
+    lab.wait_for_vms_in_flight(first, ["vm-a"])
+    second = lab.run_json("job", "start", "second")["session"]
+
+    waiting = lab.session(second)
+    if lab.session(first)["state"] != "stopped":  # the first still runs (it takes ~12 s): the second waits
+        assert (waiting["state"], waiting["vms"][0]["status"]) == ("starting", "pending")
+    done_first, done_second = lab.wait_stopped(first), lab.wait_stopped(second)
+    assert (done_first["result"], done_second["result"]) == ("success", "success")
+    assert done_second["started_at"] >= done_first["ended_at"], "the second started when the first had ended"

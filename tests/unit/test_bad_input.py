@@ -45,10 +45,48 @@ max_parallel_vms = 1
 retention = 7
 retry = { attempts = 3, wait_seconds = 5 }
 vm_lock_timeout_seconds = 600
+schedule = { cron = "30 22 * * 1-5", timezone = "Europe/Berlin" }
+backup_window = { start = "20:00", end = "06:00" }
+drain_period_seconds = 900
+auto_retry = { times = 3, wait_seconds = 600 }
+
+[jobs.weekly]
+provider = "lab"
+repository = "local"
+vms = [ "web-01" ]
+schedule = { after = "nightly" }
+
+[daemon]
+misfire_grace_seconds = 3600
+metrics_listen = "127.0.0.1:9188"
 """
 
 # (id, (text in VALID, its replacement), key path named, words of the message)
 CASES = [
+    # schedules, windows, retries and the daemon
+    ("cron with 4 fields", ('cron = "30 22 * * 1-5"', 'cron = "30 22 * *"'), "jobs.nightly.schedule.cron", "5-field"),
+    ("cron minute 61", ('cron = "30 22 * * 1-5"', 'cron = "61 22 * * 1-5"'), "jobs.nightly.schedule.cron",
+     "minute field"),
+    ("cron day of week 8", ('cron = "30 22 * * 1-5"', 'cron = "30 22 * * 1-8"'), "jobs.nightly.schedule.cron", "0-7"),
+    ("unknown time zone", ('"Europe/Berlin"', '"Europe/Atlantis"'), "jobs.nightly.schedule.timezone",
+     "unknown time zone"),
+    ("every and cron", ('timezone = "Europe/Berlin" }', 'timezone = "Europe/Berlin", every = "4h" }'),
+     "jobs.nightly.schedule", "exactly one of cron, every or after"),
+    ("after an unknown job", ('after = "nightly"', 'after = "monthly"'), "jobs.weekly.schedule.after", "unknown job"),
+    ("after itself", ('after = "nightly"', 'after = "weekly"'), "jobs.weekly.schedule.after", "comes back to this job"),
+    ("window start not a time", ('start = "20:00"', 'start = "8pm"'), "jobs.nightly.backup_window.start",
+     "not a time of day"),
+    ("window empty", ('end = "06:00"', 'end = "20:00"'), "jobs.nightly.backup_window", "window would be empty"),
+    ("drain period negative", ("drain_period_seconds = 900", "drain_period_seconds = -1"),
+     "jobs.nightly.drain_period_seconds", "greater than or equal to 0"),
+    ("drain period inf", ("drain_period_seconds = 900", "drain_period_seconds = inf"),
+     "jobs.nightly.drain_period_seconds", "finite number"),
+    ("auto retry zero times", ("times = 3", "times = 0"), "jobs.nightly.auto_retry.times", "greater than or equal to 1"),
+    ("misfire grace nan", ("misfire_grace_seconds = 3600", "misfire_grace_seconds = nan"),
+     "daemon.misfire_grace_seconds", "finite number"),
+    ("metrics port out of range", ('"127.0.0.1:9188"', '"127.0.0.1:99999"'), "daemon.metrics_listen", "port"),
+    ("notify URL apprise cannot use", ('metrics_listen = "127.0.0.1:9188"', 'notify = ["nosuchscheme://x"]'),
+     "daemon.notify", "apprise cannot use it"),
     # disk sizes: positive, at most vSphere's largest virtual disk
     ("disk 16 EiB", ('"8 GiB"', '"16 EiB"'), "providers.lab.vms.0.disks.0", "at most 62 TiB, vSphere's largest virtual disk"),
     ("disk 63 TiB", ('"8 GiB", "1 MiB"', '"8 GiB", "63 TiB"'), "providers.lab.vms.0.disks.1", "at most 62 TiB"),
