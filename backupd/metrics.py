@@ -134,8 +134,8 @@ class StateCollector(Collector):
         if orphans is not None:
             removed = CounterMetricFamily(
                 "backupd_orphaned_snapshots_removed",
-                "Snapshots of ended sessions that a later session of the job removed (counted from its "
-                "session log), including recorded ones that were already gone",
+                "Snapshots that ended sessions of the job left and recovery removed later (a new session or "
+                "the daemon), counted from the log of the session that left each",
                 labels=["job"],
             )
             for job in sorted(set(jobs) | set(orphans)):

@@ -191,8 +191,22 @@ def remove_orphaned_snapshots(
 
     A failure is returned (``failed: ...``) and left for the next pass; it never raises.
 
+    Each removal (or failure) is also written to the log of the session that left the
+    snapshot, where an administrator looks for it and where the metrics count it.
+
     :param dry_run: find them, remove nothing (``would remove``).
     """
+    found = _find_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run)
+    if not dry_run:
+        for orphan in found:
+            level = "warning" if orphan.action.startswith("failed") else "info"
+            store.log(orphan.session, orphan.describe(), level=level, vm=orphan.vm)
+    return found
+
+
+def _find_orphaned_snapshots(
+    store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", *, dry_run: bool
+) -> list[OrphanedSnapshot]:
     from providers.base import ProviderError, VmNotFound
 
     found: list[OrphanedSnapshot] = []
