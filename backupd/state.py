@@ -1,9 +1,11 @@
-"""The state DB: job sessions, VM tasks, session log lines and VM locks (SQLModel).
+"""The state DB: job sessions, VM tasks, session log lines, VM locks, the daemon and its job
+schedules (SQLModel).
 
 The state DB is the control plane. A runner writes its session's progress here as it happens;
 ``backupd job stop`` writes a stop request onto the session row from any process, and the
 runner that owns the session polls for it. SQLite (WAL mode, so readers never block the runner)
-is the embedded default; any SQLAlchemy URL works, PostgreSQL being the multi-daemon option.
+is the embedded default; PostgreSQL (psycopg 3) is the multi-daemon option. The schema is
+brought to the newest revision of :mod:`backupd.migrations` whenever the DB is opened.
 
 Restore points are not mirrored here: the repository's manifests are their single source of
 truth (see docs/design.md); a VM task records the id of the restore point it committed.
@@ -18,11 +20,12 @@ import socket
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
-from sqlalchemy import Column, Enum, case, event, literal, update
+from sqlalchemy import Column, Enum, case, event, false, literal, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
+from backupd import migrations
+from backupd.enums import SessionResult, SessionState, SessionTrigger, StopMode, StopReason, TaskStatus
 from backupd.errors import NotFoundError, StateError
 
 
@@ -50,7 +53,8 @@ def utcnow() -> datetime:
 
 
 def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands datetimes back naive; they were stored as UTC."""
+    """A datetime read from the state DB, timezone-aware UTC: a naive one (as SQLModel before
+    0.0.45 returned them from SQLite) was stored as UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value
@@ -79,6 +83,18 @@ class JobSession(SQLModel, table=True):
     owner_host: str | None = None
     owner_pid: int | None = None
     heartbeat_at: datetime | None = None
+    #: what started the session; None (a session older than the daemon) means manual
+    trigger: SessionTrigger | None = _stored_as_value(SessionTrigger, nullable=True)
+    #: the session whose end started this one (a chained job)
+    triggered_by: int | None = None
+    #: the session whose failed VMs this one processes again
+    retry_of: int | None = None
+    #: when a graceful stop escalates to immediate (the end of its drain period)
+    drain_deadline: datetime | None = None
+    #: the stop also stops the sessions this one's chain started, and keeps chained jobs not
+    #: yet started from starting
+    stop_recursive: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    stop_reason: StopReason | None = _stored_as_value(StopReason, nullable=True)
 
 
 class VmTask(SQLModel, table=True):
@@ -134,6 +150,35 @@ class VmLock(SQLModel, table=True):
     acquired_at: datetime = Field(default_factory=utcnow)
 
 
+class Daemon(SQLModel, table=True):
+    """The daemon that runs the schedules: one row (``name`` "main"), with its process and
+    heartbeat, so a second daemon can tell a live one from a dead one as recovery does a
+    session's runner (:data:`STALE_HEARTBEAT_SECONDS`)."""
+
+    __tablename__ = "daemon"
+
+    name: str = Field(primary_key=True)
+    host: str
+    pid: int
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+    #: the config file the daemon runs with
+    config_path: str
+
+
+class JobSchedule(SQLModel, table=True):
+    """When the daemon next starts a job, as worked out from the job's schedule."""
+
+    __tablename__ = "job_schedule"
+
+    job: str = Field(primary_key=True)
+    #: the next start, timezone-aware UTC; None while the job has no next start
+    next_run: datetime | None = None
+    #: the schedule in words, e.g. "cron 30 22 * * 1-5 Europe/Berlin"
+    schedule: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """Per connection: wait up to 30 s for another writer; WAL makes NORMAL sync durable
     at each checkpoint and crash-safe at every commit (SQLite's documented WAL behaviour)."""
@@ -150,16 +195,27 @@ class StateStore:
     (disk full, a lock held past SQLite's 30 s busy timeout, a lost server) raises
     :class:`StateError` (exit code 2), naming the DB and the reason.
 
-    :param url: a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``).
-    :raises StateError: the database cannot be opened or its tables created.
+    Opening the DB brings its schema to the newest revision (:mod:`backupd.migrations`), under
+    a lock, so processes opening a new DB at once never race; a DB already there costs one
+    query.
+
+    :param url: a SQLAlchemy URL: ``sqlite:///path``, or ``postgresql+psycopg://user@host/db``
+        (a plain ``postgresql://`` also means psycopg 3, the PostgreSQL driver backupd ships).
+    :raises StateError: the database cannot be opened or upgraded, or a newer backupd
+        upgraded it.
     """
 
     def __init__(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
         self.url = url
         sqlite = url.startswith("sqlite")
+        parsed = make_url(url)
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
         try:
             self.engine = create_engine(
-                url,
+                parsed,
                 connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
             )
             if sqlite:
@@ -171,24 +227,33 @@ class StateStore:
         except (OperationalError, ProgrammingError) as exc:
             raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.orig}") from exc
 
-    def _set_up(self, *, wal: bool, attempts: int = 5) -> None:
-        """Switch SQLite to WAL (a setting kept in the file) and create missing tables.
+    def _set_up(self, *, wal: bool) -> None:
+        """Bring the schema to :data:`backupd.migrations.HEAD`; a DB already there costs one
+        query and never loads Alembic (every CLI command opens the state DB).
 
-        ``create_all`` checks, then creates: on a server DB two processes opening a new
-        database at once (cron starting two jobs) can both see a table missing, and the
-        slower one's CREATE fails; it tries again and finds the table there. (SQLite is set
-        up under a lock instead, see :meth:`_sqlite_setup_lock`.)
+        An upgrade is one transaction, serialised between processes (see
+        :func:`backupd.migrations.upgrade`). A SQLite DB being upgraded is switched to WAL
+        first, a setting kept in the file.
+
+        :raises StateError: a newer backupd upgraded the DB.
         """
-        for attempt in range(attempts):
-            try:
-                with self.engine.begin() as connection:
-                    if wal:
-                        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
-                SQLModel.metadata.create_all(self.engine)
-                return
-            except (OperationalError, ProgrammingError) as exc:
-                if "already exists" not in str(exc.orig) or attempt == attempts - 1:
-                    raise
+        revision = self._revision()
+        if revision == migrations.HEAD:
+            return
+        migrations.refuse_unknown(revision)
+        with self.engine.begin() as connection:
+            if wal:
+                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+            migrations.upgrade(connection)
+
+    def _revision(self) -> str | None:
+        """The schema revision the DB records; None when it records none (a new DB, one made
+        before migrations, or one that cannot be read: the upgrade then reports why)."""
+        try:
+            with self.engine.connect() as connection:
+                return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        except (OperationalError, ProgrammingError):
+            return None
 
     def _safe_url(self) -> str:
         from sqlalchemy.engine import make_url
