@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from state_urls import fresh_postgresql_database
-
-#: the state DB backends every StateStore test runs on
-BACKENDS = ["sqlite", "postgresql"]
+from state_urls import BACKENDS, fresh_postgresql_database
 
 
 @pytest.fixture

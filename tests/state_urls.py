@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import pytest
 
+#: the state DB backends the StateStore tests run on
+BACKENDS = ["sqlite", "postgresql"]
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 #: a server time zone far from UTC: a stored time that depended on it would be 14 hours off
 PG_TIME_ZONE = "Pacific/Kiritimati"
