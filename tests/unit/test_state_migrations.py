@@ -151,6 +151,29 @@ def test_a_state_db_of_an_older_revision_is_upgraded_when_opened(state_url: str)
     store.close()
 
 
+def test_an_upgrade_that_fails_half_way_leaves_the_state_db_as_it_was(state_url: str) -> None:
+    """Given a DB at 0001 where 0002's ``daemon`` table cannot be created (a table of that name
+    is in the way), when backupd opens it, then the open fails and none of 0002 is applied:
+    the columns 0002 adds before that table are rolled back with it; once the obstacle is gone,
+    the next open upgrades."""
+    engine = create_engine(state_url)
+    with engine.begin() as connection:
+        command.upgrade(migrations.alembic_config(connection), "0001")
+        connection.exec_driver_sql("CREATE TABLE daemon (name VARCHAR PRIMARY KEY)")
+    with pytest.raises(StateError, match="cannot open the state DB"):
+        StateStore(state_url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one() == "0001"
+        assert "trigger" not in {c["name"] for c in inspect(connection).get_columns("job_session")}
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE daemon")
+    engine.dispose()
+
+    store = StateStore(state_url)
+    assert _revision(store) == migrations.HEAD
+    store.close()
+
+
 def test_a_state_db_upgraded_by_a_newer_backupd_is_refused(state_url: str) -> None:
     StateStore(state_url).close()
     engine = create_engine(state_url)
