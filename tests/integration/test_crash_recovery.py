@@ -147,11 +147,10 @@ def test_a_state_db_whose_file_system_fills_stops_the_session_cleanly(lab: Lab, 
         session = lab.wait_for_new_session("nightly")
         lab.wait_for_vms_in_flight(session, ["vm-a"])
         filler = statefs / "filler"
-        with open(filler, "wb") as out:
+        with open(filler, "wb", buffering=0) as out:  # unbuffered: close() has nothing left to write
             try:
                 while True:
                     out.write(b"\0" * 65536)
-                    out.flush()
             except OSError:
                 pass
 
