@@ -209,8 +209,8 @@ class StateStore:
         from sqlalchemy.engine import make_url
 
         self.url = url
-        sqlite = url.startswith("sqlite")
         parsed = make_url(url)
+        sqlite = parsed.get_backend_name() == "sqlite"
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
@@ -224,8 +224,8 @@ class StateStore:
                     self._set_up(wal=True)
             else:
                 self._set_up(wal=False)
-        except (OperationalError, ProgrammingError) as exc:
-            raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.orig}") from exc
+        except DBAPIError as exc:
+            raise StateError(f"cannot open the state DB {self._safe_url()}: {_reason(exc)}") from exc
 
     def _set_up(self, *, wal: bool) -> None:
         """Bring the schema to :data:`backupd.migrations.HEAD`; a DB already there costs one
