@@ -69,3 +69,30 @@ class TransferMode(str, Enum):
     FULL = "full"
     #: only the areas CBT reported changed since the previous restore point were read
     INCREMENTAL = "incremental"
+
+
+class SessionTrigger(str, Enum):
+    """What started a job session (stored on the session; NULL in rows older than the
+    daemon means ``manual``)."""
+
+    #: ``job start`` from an administrator or an external scheduler
+    MANUAL = "manual"
+    #: the daemon, at a time of the job's schedule
+    SCHEDULE = "schedule"
+    #: the end of another job's session (``triggered_by``), a chained job
+    CHAIN = "chain"
+    #: ``job retry``: the failed VMs of an earlier session (``retry_of``) once more
+    RETRY = "retry"
+    #: the daemon retrying the failed VMs of an earlier session by itself (``retry_of``)
+    AUTO_RETRY = "auto_retry"
+
+
+class StopReason(str, Enum):
+    """Why a session was asked to stop."""
+
+    #: ``job stop`` from an administrator or a script
+    USER = "user"
+    #: the job's backup window closed
+    WINDOW = "window"
+    #: the daemon is shutting down
+    SHUTDOWN = "shutdown"

@@ -1,9 +1,11 @@
-"""The state DB: job sessions, VM tasks, session log lines and VM locks (SQLModel).
+"""The state DB: job sessions, VM tasks, session log lines, VM locks, the daemon and its job
+schedules (SQLModel).
 
 The state DB is the control plane. A runner writes its session's progress here as it happens;
 ``backupd job stop`` writes a stop request onto the session row from any process, and the
 runner that owns the session polls for it. SQLite (WAL mode, so readers never block the runner)
-is the embedded default; any SQLAlchemy URL works, PostgreSQL being the multi-daemon option.
+is the embedded default; PostgreSQL (psycopg 3) is the multi-daemon option. The schema is
+brought to the newest revision of :mod:`backupd.migrations` whenever the DB is opened.
 
 Restore points are not mirrored here: the repository's manifests are their single source of
 truth (see docs/design.md); a VM task records the id of the restore point it committed.
@@ -18,11 +20,12 @@ import socket
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
-from sqlalchemy import Column, Enum, case, delete, event, func, literal, update
+from sqlalchemy import Column, Enum, case, delete, event, false, func, literal, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
+from backupd import migrations
+from backupd.enums import SessionResult, SessionState, SessionTrigger, StopMode, StopReason, TaskStatus
 from backupd.errors import NotFoundError, StateError
 
 
@@ -50,7 +53,8 @@ def utcnow() -> datetime:
 
 
 def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands datetimes back naive; they were stored as UTC."""
+    """A datetime read from the state DB, timezone-aware UTC: a naive one (as SQLModel before
+    0.0.45 returned them from SQLite) was stored as UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value
@@ -79,18 +83,18 @@ class JobSession(SQLModel, table=True):
     owner_host: str | None = None
     owner_pid: int | None = None
     heartbeat_at: datetime | None = None
-    #: what started it: manual, schedule, chain, retry, auto_retry (None in old rows: manual)
-    trigger: str | None = Field(default=None, max_length=16)
+    #: what started the session; None (a session older than the daemon) means manual
+    trigger: SessionTrigger | None = _stored_as_value(SessionTrigger, nullable=True)
     #: the session whose end started this one (a chained job)
     triggered_by: int | None = None
-    #: the session this one retries (its VMs that got no restore point)
+    #: the session whose failed VMs this one processes again
     retry_of: int | None = None
-    #: when a graceful stop escalates to immediate (the drain period's end)
+    #: when a graceful stop escalates to immediate (the end of its drain period)
     drain_deadline: datetime | None = None
-    #: the stop also stops the sessions this session's chain started and starts no more
-    stop_recursive: bool = False
-    #: who stopped it: user, window, shutdown (automatic retry never follows those)
-    stop_reason: str | None = Field(default=None, max_length=16)
+    #: the stop also stops the sessions this one's chain started, and keeps chained jobs not
+    #: yet started from starting
+    stop_recursive: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    stop_reason: StopReason | None = _stored_as_value(StopReason, nullable=True)
 
 
 class VmTask(SQLModel, table=True):
@@ -147,27 +151,30 @@ class VmLock(SQLModel, table=True):
 
 
 class Daemon(SQLModel, table=True):
-    """The daemon running on this state DB (one row, ``name = "main"``), for ``daemon
-    status`` and for ``job start`` handing sessions to it."""
+    """The daemon that runs the schedules: one row (``name`` "main"), with its process and
+    heartbeat, so a second daemon can tell a live one from a dead one as recovery does a
+    session's runner (:data:`STALE_HEARTBEAT_SECONDS`)."""
 
     __tablename__ = "daemon"
 
     name: str = Field(primary_key=True)
     host: str
     pid: int
-    started_at: datetime
-    heartbeat_at: datetime
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+    #: the config file the daemon runs with
     config_path: str
 
 
 class JobSchedule(SQLModel, table=True):
-    """The next scheduled run of a job, as the running daemon sees it."""
+    """When the daemon next starts a job, as worked out from the job's schedule."""
 
     __tablename__ = "job_schedule"
 
     job: str = Field(primary_key=True)
+    #: the next start, timezone-aware UTC; None while the job has no next start
     next_run: datetime | None = None
-    #: e.g. "cron 30 22 * * 1-5 (Europe/Berlin)"
+    #: the schedule in words, e.g. "cron 30 22 * * 1-5 Europe/Berlin"
     schedule: str | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -188,17 +195,27 @@ class StateStore:
     (disk full, a lock held past SQLite's 30 s busy timeout, a lost server) raises
     :class:`StateError` (exit code 2), naming the DB and the reason.
 
-    :param url: a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``).
-    :raises StateError: the database cannot be opened or its tables created, its driver is not
-        installed, or a SQLite database's folder cannot be made.
+    Opening the DB brings its schema to the newest revision (:mod:`backupd.migrations`), under
+    a lock, so processes opening a new DB at once never race; a DB already there costs one
+    query.
+
+    :param url: a SQLAlchemy URL: ``sqlite:///path``, or ``postgresql+psycopg://user@host/db``
+        (a plain ``postgresql://`` also means psycopg 3, the PostgreSQL driver backupd ships).
+    :raises StateError: the database cannot be opened or upgraded, a newer backupd upgraded
+        it, its driver is not installed, or a SQLite database's folder cannot be made.
     """
 
     def __init__(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
         self.url = url
-        sqlite = url.startswith("sqlite")
+        parsed = make_url(url)
+        sqlite = parsed.get_backend_name() == "sqlite"
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
         try:
             self.engine = create_engine(
-                url,
+                parsed,
                 connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
             )
             if sqlite:
@@ -207,8 +224,8 @@ class StateStore:
                     self._set_up(wal=True)
             else:
                 self._set_up(wal=False)
-        except (OperationalError, ProgrammingError) as exc:
-            raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.orig}") from exc
+        except DBAPIError as exc:
+            raise StateError(f"cannot open the state DB {self._safe_url()}: {_reason(exc)}") from exc
         except ImportError as exc:  # the URL names a driver whose package is not installed
             raise StateError(
                 f"cannot open the state DB {self._safe_url()}: its database driver is not installed"
@@ -217,24 +234,33 @@ class StateStore:
         except OSError as exc:  # the SQLite database's folder or setup lock
             raise StateError(f"cannot open the state DB {self._safe_url()}: {exc.strerror}: {exc.filename}") from exc
 
-    def _set_up(self, *, wal: bool, attempts: int = 5) -> None:
-        """Switch SQLite to WAL (a setting kept in the file) and create missing tables.
+    def _set_up(self, *, wal: bool) -> None:
+        """Bring the schema to :data:`backupd.migrations.HEAD`; a DB already there costs one
+        query and never loads Alembic (every CLI command opens the state DB).
 
-        ``create_all`` checks, then creates: on a server DB two processes opening a new
-        database at once (cron starting two jobs) can both see a table missing, and the
-        slower one's CREATE fails; it tries again and finds the table there. (SQLite is set
-        up under a lock instead, see :meth:`_sqlite_setup_lock`.)
+        An upgrade is one transaction, serialised between processes (see
+        :func:`backupd.migrations.upgrade`). A SQLite DB being upgraded is switched to WAL
+        first, a setting kept in the file.
+
+        :raises StateError: a newer backupd upgraded the DB.
         """
-        for attempt in range(attempts):
-            try:
-                with self.engine.begin() as connection:
-                    if wal:
-                        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
-                SQLModel.metadata.create_all(self.engine)
-                return
-            except (OperationalError, ProgrammingError) as exc:
-                if "already exists" not in str(exc.orig) or attempt == attempts - 1:
-                    raise
+        revision = self._revision()
+        if revision == migrations.HEAD:
+            return
+        migrations.refuse_unknown(revision)
+        with self.engine.begin() as connection:
+            if wal:
+                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+            migrations.upgrade(connection)
+
+    def _revision(self) -> str | None:
+        """The schema revision the DB records; None when it records none (a new DB, one made
+        before migrations, or one that cannot be read: the upgrade then reports why)."""
+        try:
+            with self.engine.connect() as connection:
+                return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        except (OperationalError, ProgrammingError):
+            return None
 
     def safe_url(self) -> str:
         """The state DB's URL with its password hidden, for messages."""
@@ -314,7 +340,7 @@ class StateStore:
             # started is seen as dead, not running.
             row = JobSession(
                 job=job, full=full, state=SessionState.STARTING, owner_host=host, owner_pid=pid,
-                trigger=trigger, triggered_by=triggered_by, retry_of=retry_of,
+                trigger=SessionTrigger(trigger), triggered_by=triggered_by, retry_of=retry_of,
             )
             db.add(row)
             db.flush()
@@ -397,6 +423,7 @@ class StateStore:
         :raises NotFoundError: no session with that id.
         """
         column = JobSession.__table__.c.stop_mode  # type: ignore[attr-defined]
+        reason_column = JobSession.__table__.c.stop_reason  # type: ignore[attr-defined]
         now = utcnow()
         if mode is StopMode.IMMEDIATE:
             new_mode: Any = literal(StopMode.IMMEDIATE, column.type)
@@ -408,7 +435,7 @@ class StateStore:
         fields: dict[str, Any] = {
             "stop_mode": new_mode,
             "stop_requested_at": requested_at,
-            "stop_reason": case((first, reason), else_=JobSession.stop_reason),
+            "stop_reason": case((first, literal(StopReason(reason), reason_column.type)), else_=reason_column),
         }
         if mode is StopMode.GRACEFUL and drain_seconds is not None:
             deadline = now + timedelta(seconds=drain_seconds)

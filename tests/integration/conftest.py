@@ -11,10 +11,14 @@ from labkit import Lab
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
     """An empty lab in ``tmp_path``; each test calls :meth:`Lab.configure` with the VMs and jobs
-    it needs. Sessions a failing test leaves running are stopped at teardown."""
-    the_lab = Lab(tmp_path)
+    it needs. Sessions a failing test leaves running are stopped at teardown.
+
+    Its state DB is SQLite, or a fresh PostgreSQL database for a test marked
+    :data:`labkit.on_every_state_db` (the fixture's parameter: "sqlite" or "postgresql")."""
+    backend = getattr(request, "param", "sqlite")
+    the_lab = Lab(tmp_path) if backend == "sqlite" else Lab(tmp_path, request.getfixturevalue("postgresql_url"))
     try:
         yield the_lab
     finally:

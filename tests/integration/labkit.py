@@ -20,6 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
+from state_urls import BACKENDS
 
 MiB = 1024 * 1024
 #: the exit codes of the CLI contract (issue section 7)
@@ -28,6 +31,8 @@ EXIT_USAGE, EXIT_CONFIG = 64, 78
 
 #: how long one CLI call may take before the test gives up on it (seconds)
 CLI_TIMEOUT = 120.0
+#: runs a test once with each state DB backend (the ``lab`` fixture's parameter)
+on_every_state_db = pytest.mark.parametrize("lab", BACKENDS, indirect=True)
 
 T = TypeVar("T")
 
@@ -88,9 +93,13 @@ def wait_until(
 
 
 class Lab:
-    """One backupd installation in a folder: config, simulated VMs, repository, state DB."""
+    """One backupd installation in a folder: config, simulated VMs, repository, state DB.
 
-    def __init__(self, tmp_path: Path) -> None:
+    :param state_url: the ``[state] url`` of the config: SQLite ``state.db`` in the site
+        folder by default, or a PostgreSQL database.
+    """
+
+    def __init__(self, tmp_path: Path, state_url: str = "sqlite:///state.db") -> None:
         #: the folder of the config file; everything backupd creates lands here
         self.site = tmp_path / "site"
         self.site.mkdir()
@@ -99,6 +108,8 @@ class Lab:
         self.scratch = tmp_path / "scratch"
         self.scratch.mkdir()
         self.repo = self.site / "repo"
+        self.state_url = state_url
+        #: the SQLite state DB file (unused with PostgreSQL)
         self.state_db = self.site / "state.db"
         self.settings: dict[str, Any] = {
             "vms": {},
@@ -126,7 +137,7 @@ class Lab:
         self.settings.update(changes)
         s = self.settings
         parts = [
-            _toml_table("state", {"url": "sqlite:///state.db"}),
+            _toml_table("state", {"url": self.state_url}),
             _toml_table("repositories.local", {"path": "repo"}),
             _toml_table(
                 "providers.lab",
@@ -308,7 +319,8 @@ class Lab:
 
     def close(self) -> None:
         """Stop whatever sessions a failed test left running, then reap our own processes."""
-        if self._may_leave_sessions and self.config.exists() and self.state_db.exists():
+        has_state_db = self.state_db.exists() or not self.state_url.startswith("sqlite")
+        if self._may_leave_sessions and self.config.exists() and has_state_db:
             try:
                 listed = self.run("session", "list", "--json", timeout=30)
                 running = {s["job"] for s in json.loads(listed.stdout) if s["state"] != "stopped"}

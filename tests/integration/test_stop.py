@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from labkit import EXIT_FAILED, EXIT_NO_SESSION, EXIT_USAGE, EXIT_WARNING, Lab, vms_by_name
+from labkit import EXIT_FAILED, EXIT_NO_SESSION, EXIT_USAGE, EXIT_WARNING, Lab, on_every_state_db, vms_by_name
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,7 @@ def _three_full_vms(lab: Lab, size: str, **settings: object) -> None:
         lab.fill(name, seed=seed)
 
 
+@on_every_state_db
 def test_immediate_stop_removes_snapshots_and_fails_session(lab: Lab) -> None:
     """Given a session with two VMs in flight and one waiting, and restore points of an earlier
     session, when ``job stop --immediate`` comes from another process, then within moments the
@@ -76,6 +77,7 @@ def test_immediate_stop_removes_snapshots_and_fails_session(lab: Lab) -> None:
         assert lab.restore(name)[1] == disks_then[name]
 
 
+@on_every_state_db
 def test_graceful_stop_lets_vms_in_flight_finish_and_skips_the_rest(lab: Lab) -> None:
     """Given a session with two VMs in flight and one waiting, when ``job stop`` (graceful, the
     default) comes from another process, then the VMs in flight complete their restore points

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from labkit import EXIT_FAILED, Lab, vms_by_name
+from labkit import EXIT_FAILED, Lab, on_every_state_db, vms_by_name
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, on_every_state_db]
 
 
 def _two_jobs_sharing_vm_a(lab: Lab, lock_timeout: float) -> None:

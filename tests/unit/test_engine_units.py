@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -85,8 +85,11 @@ def test_an_immediate_stop_ends_retrying_and_its_wait_at_once() -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> StateStore:
-    return StateStore(f"sqlite:///{tmp_path}/state.db")
+def store(state_url: str) -> Iterator[StateStore]:
+    """A new state DB, SQLite and PostgreSQL in turn."""
+    the_store = StateStore(state_url)
+    yield the_store
+    the_store.close()
 
 
 def test_a_new_session_starts_with_pending_tasks_in_config_order(store: StateStore) -> None:
@@ -212,15 +215,14 @@ def test_ending_a_session_marks_only_its_unfinished_tasks(store: StateStore) -> 
     assert (row.state, row.result, row.message) == (SessionState.STOPPED, SessionResult.WARNING, "stopped")
 
 
-def test_a_session_whose_creator_died_before_any_runner_started_is_ended(tmp_path: Path) -> None:
+def test_a_session_whose_creator_died_before_any_runner_started_is_ended(state_url: str) -> None:
     """``job start`` killed between creating the session and starting its runner."""
     import subprocess
     import sys
 
-    url = f"sqlite:///{tmp_path}/state.db"
-    code = f"from backupd.state import StateStore; StateStore({url!r}).create_session('nightly', ['a'], full=False)"
+    code = f"from backupd.state import StateStore; StateStore({state_url!r}).create_session('nightly', ['a'], full=False)"
     subprocess.run([sys.executable, "-c", code], check=True)
-    store = StateStore(url)
+    store = StateStore(state_url)
     (session,) = store.sessions()
     assert [row.id for row in store.dead_sessions()] == [session.id]
 
@@ -234,6 +236,23 @@ def test_states_are_stored_in_the_vocabulary_words(store: StateStore) -> None:
         row = connection.execute(text("select state, stop_mode from job_session")).one()
         status = connection.execute(text("select status from vm_task")).scalar_one()
     assert (tuple(row), status) == (("starting", "graceful"), "pending")
+
+
+def test_a_state_db_password_never_appears_in_an_error(postgresql_url: str) -> None:
+    """Given a server URL with a password (as ``password_env`` fills it in), when the DB
+    cannot be opened, then the error names the DB but neither it nor its causes show the
+    password."""
+    import traceback
+
+    from sqlalchemy.engine import make_url
+
+    from backupd.errors import StateError
+
+    url = make_url(postgresql_url).set(password="s3cret-pw", database="backupd_no_such_db")
+    with pytest.raises(StateError) as caught:
+        StateStore(url.render_as_string(hide_password=False))
+    assert "backupd_no_such_db" in str(caught.value)
+    assert "s3cret-pw" not in "".join(traceback.format_exception(caught.value))
 
 
 def _process_state(pid: int) -> str:

@@ -16,7 +16,7 @@ from backupd.state import StateStore
 
 CONFIG = """\
 [state]
-url = "sqlite:///state.db"
+url = "{state_url}"
 
 [providers.lab]
 type = "simulated"
@@ -37,9 +37,10 @@ vms = ["a", "b", "c", "d"]
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+def config(tmp_path: Path, state_url: str) -> Config:
+    """A job of four VMs whose state DB is SQLite and PostgreSQL in turn."""
     path = tmp_path / "backupd.toml"
-    path.write_text(CONFIG.format(vm="a"))
+    path.write_text(CONFIG.format(vm="a", state_url=state_url))
     return load_config(path)
 
 
