@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from labkit import EXIT_FAILED, EXIT_NOT_FOUND, Background, Lab, describe, vms_by_name, wait_until
+from labkit import EXIT_FAILED, EXIT_NOT_FOUND, Background, Lab, describe, on_every_state_db, vms_by_name, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +70,7 @@ def _ended(lab: Lab, job: str, count: int, timeout: float = 60.0) -> list[dict[s
     return [lab.session(s["id"]) for s in wait_until(enough, timeout, what=f"{count} ended sessions of {job}")]
 
 
+@on_every_state_db
 def test_a_scheduled_job_runs_on_time_and_a_second_daemon_is_refused(lab: Lab, daemons) -> None:  # noqa: ANN001
     lab.configure(vms={"web": "4 MiB"}, jobs={"nightly": {"vms": ["web"], "schedule": {"every": "2s"}}})
     lab.fill("web")
@@ -96,6 +97,7 @@ def test_a_scheduled_job_runs_on_time_and_a_second_daemon_is_refused(lab: Lab, d
     assert lab.backupd_snapshots() == {}
 
 
+@on_every_state_db
 def test_a_chain_runs_in_order_and_a_recursive_stop_stops_it(lab: Lab, daemons) -> None:  # noqa: ANN001
     lab.configure(
         vms={"vm-a": "8 MiB", "vm-b": "4 MiB", "vm-c": "4 MiB"},
@@ -191,6 +193,7 @@ def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid(lab: L
     lab.write_raw_config(valid)
 
 
+@on_every_state_db
 def test_sigterm_stops_sessions_gracefully_and_a_second_one_immediately(lab: Lab, daemons) -> None:  # noqa: ANN001
     lab.configure(vms={"vm-a": "32 MiB", "vm-b": "4 MiB"}, jobs={"nightly": {"vms": ["vm-a", "vm-b"]}},
                   read_mib_per_s=1)
@@ -213,6 +216,7 @@ def test_sigterm_stops_sessions_gracefully_and_a_second_one_immediately(lab: Lab
     assert lab.backupd_snapshots() == {}
 
 
+@on_every_state_db
 def test_kill_9_of_a_session_process_and_of_the_daemon_then_restart(lab: Lab, daemons) -> None:  # noqa: ANN001
     """The crash targets: after kill -9 of a session process and of the daemon, and a restart,
     no session is left running, no snapshot on any VM, every restore point verifies and the
