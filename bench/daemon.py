@@ -14,8 +14,9 @@ per-VM overhead
     process to its end) / its VMs. No VM reads a byte (checked), so no transfer time is
     subtracted: snapshot creation and removal, state DB writes, the manifest commit and garbage
     collection are all of it. Median and p95 over the sessions, under the load; and the median
-    of :data:`ALONE_RUNS` sessions of one job run alone afterwards (``job start --wait``),
-    without the load. Target: at most 10 ms per VM.
+    of :data:`ALONE_RUNS` sessions of a job ``alone`` of as many VMs, run in the foreground
+    (``job start --wait``) before the daemon starts: the same work without contention.
+    Target: at most 10 ms per VM.
 memory
     The daemon's ``VmRSS`` (``/proc/PID/status``) at rest, before the minute, and its
     ``VmHWM`` (peak) after the load; its session processes (``python -m backupd.host``, one
@@ -69,7 +70,7 @@ STOP_VMS = 8
 STOP_DISK_MIB = 8
 STOP_THROTTLE_MIB_S = 0.5
 STOP_TRIALS = 3
-#: sessions of one load job run alone after the load, for the overhead without contention
+#: sessions of the job ``alone`` run before the load, for the overhead without contention
 ALONE_RUNS = 3
 #: seconds between two samples of the session processes' memory
 SAMPLE_SECONDS = 0.25
@@ -91,7 +92,8 @@ def next_minute(now: datetime) -> datetime:
 
 def write_config(lab: Path, state_url: str, jobs: int, vms: int, minute: datetime) -> Path:
     """``LAB/backupd.toml``: the load (``jobs`` jobs of ``vms`` empty VMs each, provider
-    ``sim``, all on ``cron`` at ``minute``) and the stop job (provider ``slow``)."""
+    ``sim``, all on ``cron`` at ``minute``), the job ``alone`` (as many VMs, no schedule)
+    and the stop job (provider ``slow``)."""
     def vm(provider: str, name: str, size: str) -> list[str]:
         return ["", f"[[providers.{provider}.vms]]", f"name = {toml_string(name)}",
                 f"disks = [{toml_string(size)}]"]
@@ -109,6 +111,8 @@ def write_config(lab: Path, state_url: str, jobs: int, vms: int, minute: datetim
     for j in range(jobs):
         for v in range(vms):
             lines += vm("sim", f"vm-{j:03d}-{v:02d}", "1 MiB")
+    for v in range(vms):
+        lines += vm("sim", f"alone-{v:02d}", "1 MiB")
     lines += ["", "[providers.slow]", 'type = "simulated"', 'state_dir = "sim-slow"',
               f"read_mib_per_s = {STOP_THROTTLE_MIB_S}"]
     for name in stop_vms():
@@ -119,6 +123,7 @@ def write_config(lab: Path, state_url: str, jobs: int, vms: int, minute: datetim
         lines += job(load_job(j), "sim", "repo", [f"vm-{j:03d}-{v:02d}" for v in range(vms)],
                      LOAD_PARALLEL_VMS)
         lines.append(f'schedule = {{ cron = "{cron}", timezone = "UTC" }}')
+    lines += job("alone", "sim", "repo", [f"alone-{v:02d}" for v in range(vms)], LOAD_PARALLEL_VMS)
     lines += job("stop-8", "slow", "repo-stop", stop_vms(), STOP_VMS)
     config = lab / "backupd.toml"
     config.write_text("\n".join(lines) + "\n")
@@ -384,10 +389,10 @@ def wait_for_load(db: StateDb, daemon: Daemon, memory: SessionMemory, sessions: 
 
 
 def overhead_alone(cli: Backupd) -> list[float]:
-    """ms per VM of :data:`ALONE_RUNS` sessions of ``load-000``, each alone (``--wait``)."""
+    """ms per VM of :data:`ALONE_RUNS` sessions of ``alone`` in the foreground (``--wait``)."""
     runs = []
     for _ in range(ALONE_RUNS):
-        session = cli.json("job", "start", load_job(0), "--wait")
+        session = cli.json("job", "start", "alone", "--wait")
         runs.append(1000 * session["duration_seconds"] / len(session["vms"]))
     return runs
 
@@ -396,11 +401,14 @@ def bench_backend(lab: Path, state_url: str, jobs: int, vms: int) -> dict[str, A
     """The whole measurement on one state DB (the lab is made fresh)."""
     shutil.rmtree(lab, ignore_errors=True)
     lab.mkdir(parents=True)
-    minute = next_minute(datetime.now(timezone.utc))
-    cli = Backupd(write_config(lab, state_url, jobs, vms, minute))
+    cli = Backupd(write_config(lab, state_url, jobs, vms, datetime.now(timezone.utc)))
     check_state_db(cli)
     for name in stop_vms():
         cli.json("sim", "write", name, "--blocks", str(STOP_DISK_MIB))
+    progress(f"job start alone --wait, {ALONE_RUNS} times (no daemon, no load)")
+    alone = {"ms_per_vm": overhead_alone(cli), "load": os.getloadavg()[0]}
+    minute = next_minute(datetime.now(timezone.utc))
+    write_config(lab, state_url, jobs, vms, minute)
     daemon = Daemon(cli, lab)
     try:
         memory = SessionMemory(daemon.proc.pid)
@@ -418,8 +426,6 @@ def bench_backend(lab: Path, state_url: str, jobs: int, vms: int) -> dict[str, A
                  for _ in range(STOP_TRIALS)]
     finally:
         exit_code = daemon.stop()
-    progress(f"job start {load_job(0)} --wait, {ALONE_RUNS} times (no load)")
-    alone = {"ms_per_vm": overhead_alone(cli), "load": os.getloadavg()[0]}
     return {
         "state_url": state_url,
         "minute": minute.isoformat(),
