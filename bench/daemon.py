@@ -10,8 +10,8 @@ trigger to first snapshot
     Per session, the scheduled time (the daemon's log line "started (scheduled for ...)") to
     the first "snapshot ... created" line of its session log. Median, p95, max.
 per-VM overhead
-    Per session, its recorded duration (``started_at`` to ``ended_at``: the claim by its
-    process to its end) / its VMs. No VM reads a byte (checked), so no transfer time is
+    Per successful session, its recorded duration (``started_at`` to ``ended_at``: the claim
+    by its process to its end) / its VMs. No VM reads a byte (checked), so no transfer time is
     subtracted: snapshot creation and removal, state DB writes, the manifest commit and garbage
     collection are all of it. Median and p95 over the sessions, under the load; and the median
     of :data:`ALONE_RUNS` sessions of a job ``alone`` of as many VMs, run in the foreground
@@ -313,6 +313,8 @@ def vm_steps(session: dict[str, Any]) -> dict[str, list[float]]:
     seconds: dict[str, list[float]] = {name: [] for name, _ in VM_STEPS}
     seconds["retention + task end"] = []
     for task in session["tasks"]:
+        if task["started_at"] is None or task["ended_at"] is None:  # never started
+            continue
         previous = utc(task["started_at"])
         lines = iter(line for line in session["log"] if line["vm"] == task["vm"])
         for name, pattern in VM_STEPS:
@@ -344,7 +346,7 @@ def load_figures(sessions: list[dict[str, Any]], scheduled: dict[int, datetime],
     latencies = [(first_snapshot(s) - scheduled[s["id"]]).total_seconds() for s in sessions
                  if s["id"] in scheduled and first_snapshot(s) is not None]
     overhead_ms = [1000 * (utc(s["ended_at"]) - utc(s["started_at"])).total_seconds()
-                   / len(s["tasks"]) for s in sessions if s["started_at"] and s["ended_at"]]
+                   / len(s["tasks"]) for s in sessions if s["result"] == "success"]
     steps: dict[str, list[float]] = {}
     for session in sessions:
         for name, values in vm_steps(session).items():
