@@ -399,50 +399,6 @@ def overhead_alone(cli: Backupd) -> list[float]:
     return runs
 
 
-def bench_backend(lab: Path, state_url: str, jobs: int, vms: int) -> dict[str, Any]:
-    """The whole measurement on one state DB (the lab is made fresh)."""
-    shutil.rmtree(lab, ignore_errors=True)
-    lab.mkdir(parents=True)
-    cli = Backupd(write_config(lab, state_url, jobs, vms, datetime.now(timezone.utc)))
-    check_state_db(cli)
-    for name in stop_vms():
-        cli.json("sim", "write", name, "--blocks", str(STOP_DISK_MIB))
-    progress(f"job start alone --wait, {ALONE_RUNS} times (no daemon, no load)")
-    alone = {"ms_per_vm": overhead_alone(cli), "load": os.getloadavg()[0]}
-    minute = next_minute(datetime.now(timezone.utc))
-    write_config(lab, state_url, jobs, vms, minute)
-    daemon = Daemon(cli, lab)
-    try:
-        memory = SessionMemory(daemon.proc.pid)
-        while (minute - datetime.now(timezone.utc)).total_seconds() > 5:
-            time.sleep(0.5)
-        at_rest = {"rss_kib": memory_kib(daemon.proc.pid)["VmRSS"], "load": os.getloadavg()[0]}
-        progress(f"daemon at rest: {at_rest['rss_kib'] / 1024:.1f} MiB; {jobs} x {vms} VMs due "
-                 f"at {minute:%H:%M:%S} UTC")
-        wait_for_load(StateDb(state_url), daemon, memory, jobs, minute)
-        load_end = os.getloadavg()[0]
-        daemon_hwm = memory_kib(daemon.proc.pid)["VmHWM"]
-        sessions = StateDb(state_url).load_sessions()
-        progress(f"load ended; immediate stop of stop-8, {STOP_TRIALS} trials")
-        stops = [{**bench_immediate_stop(cli, "stop-8", "slow"), "load": os.getloadavg()[0]}
-                 for _ in range(STOP_TRIALS)]
-    finally:
-        exit_code = daemon.stop()
-    return {
-        "state_url": state_url,
-        "minute": minute.isoformat(),
-        "load": {**load_figures(sessions, scheduled_times(daemon.log()), minute),
-                 "load_at_minute_end": load_end},
-        "daemon_rss_kib": {"at_rest": at_rest, "peak_vmhwm": daemon_hwm},
-        "session_processes": {"count": len(memory.peak_kib),
-                              "max_peak_kib": max(memory.peak_kib.values(), default=0),
-                              "max_sum_rss_kib": memory.max_sum_kib},
-        "immediate_stop": stops,
-        "overhead_alone": alone,
-        "daemon_exit_code": exit_code,
-    }
-
-
 class StateDbUnavailable(BenchError):
     """The state DB of the lab's config cannot be opened by this build."""
 
@@ -455,6 +411,61 @@ def check_state_db(cli: Backupd) -> None:
     done = cli.run("job", "list", "--json", ok=range(256))
     if done.exit_code != 0:
         raise StateDbUnavailable(done.stderr.strip().splitlines()[-1])
+
+
+def prepare_lab(lab: Path, state_url: str, jobs: int, vms: int) -> Backupd:
+    """A fresh lab on that state DB, the stop VMs' disks filled; its CLI. The cron minute of
+    this config does not matter: no daemon reads it (:func:`bench_backend` rewrites it).
+
+    :raises StateDbUnavailable: this build cannot open the state DB
+    """
+    shutil.rmtree(lab, ignore_errors=True)
+    lab.mkdir(parents=True)
+    cli = Backupd(write_config(lab, state_url, jobs, vms, datetime.now(timezone.utc)))
+    check_state_db(cli)
+    for name in stop_vms():
+        cli.json("sim", "write", name, "--blocks", str(STOP_DISK_MIB))
+    return cli
+
+
+def bench_backend(lab: Path, state_url: str, jobs: int, vms: int) -> dict[str, Any]:
+    """The whole measurement on one state DB: the alone runs, then the daemon with the load
+    and the stop trials."""
+    cli = prepare_lab(lab, state_url, jobs, vms)
+    progress(f"job start alone --wait, {ALONE_RUNS} times (no daemon, no load)")
+    alone = {"ms_per_vm": overhead_alone(cli), "load_average": os.getloadavg()[0]}
+    minute = next_minute(datetime.now(timezone.utc))
+    write_config(lab, state_url, jobs, vms, minute)
+    daemon = Daemon(cli, lab)
+    try:
+        memory = SessionMemory(daemon.proc.pid)
+        while (minute - datetime.now(timezone.utc)).total_seconds() > 5:
+            time.sleep(0.5)
+        at_rest = {"rss_kib": memory_kib(daemon.proc.pid)["VmRSS"], "load_average": os.getloadavg()[0]}
+        progress(f"daemon at rest: {at_rest['rss_kib'] / 1024:.1f} MiB; {jobs} x {vms} VMs due "
+                 f"at {minute:%H:%M:%S} UTC")
+        wait_for_load(StateDb(state_url), daemon, memory, jobs, minute)
+        load_average_at_end = os.getloadavg()[0]
+        daemon_hwm = memory_kib(daemon.proc.pid)["VmHWM"]
+        sessions = StateDb(state_url).load_sessions()
+        progress(f"load ended; immediate stop of stop-8, {STOP_TRIALS} trials")
+        stops = [{**bench_immediate_stop(cli, "stop-8", "slow"), "load_average": os.getloadavg()[0]}
+                 for _ in range(STOP_TRIALS)]
+    finally:
+        exit_code = daemon.stop()
+    return {
+        "state_url": state_url,
+        "minute": minute.isoformat(),
+        "load": {**load_figures(sessions, scheduled_times(daemon.log()), minute),
+                 "load_average_at_end": load_average_at_end},
+        "daemon_rss_kib": {"at_rest": at_rest, "peak_vmhwm": daemon_hwm},
+        "session_processes": {"count": len(memory.peak_kib),
+                              "max_peak_kib": max(memory.peak_kib.values(), default=0),
+                              "max_sum_rss_kib": memory.max_sum_kib},
+        "immediate_stop": stops,
+        "overhead_alone": alone,
+        "daemon_exit_code": exit_code,
+    }
 
 
 def bench_postgresql(lab: Path, jobs: int, vms: int) -> dict[str, Any]:
@@ -544,10 +555,10 @@ def report(results: dict[str, Any]) -> str:
             continue
         steps = ", ".join(f"{k} {1000 * v:.0f}" for k, v in run["load"]["steps_median_seconds"].items())
         lines += [f"{name}: where the time goes, medians in ms: {steps}",
-                  f"{name}: load average {run['daemon_rss_kib']['at_rest']['load']:.1f} at rest, "
-                  f"{run['load']['load_at_minute_end']:.1f} when the load ended, stop trials "
-                  + " / ".join(f"{s['load']:.1f}" for s in run["immediate_stop"])
-                  + f", alone {run['overhead_alone']['load']:.1f}; bytes read by the load "
+                  f"{name}: load average {run['daemon_rss_kib']['at_rest']['load_average']:.1f} at rest, "
+                  f"{run['load']['load_average_at_end']:.1f} when the load ended, stop trials "
+                  + " / ".join(f"{s['load_average']:.1f}" for s in run["immediate_stop"])
+                  + f", alone {run['overhead_alone']['load_average']:.1f}; bytes read by the load "
                   f"{run['load']['bytes_read']}; alone runs (ms/VM) "
                   + " / ".join(f"{v:.1f}" for v in run["overhead_alone"]["ms_per_vm"])]
     return "\n".join(lines)
@@ -565,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab = args.lab.resolve()
     started = time.perf_counter()
     results: dict[str, Any] = {"jobs": args.jobs, "vms_per_job": args.vms,
-                               "load_before": os.getloadavg()[0], "cpus": os.cpu_count(),
+                               "load_average_before": os.getloadavg()[0], "cpus": os.cpu_count(),
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         progress("SQLite")
@@ -576,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         progress(f"error: {exc}")
         return 1
-    results["load_after"] = os.getloadavg()[0]
+    results["load_average_after"] = os.getloadavg()[0]
     (lab / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
     progress(f"done in {time.perf_counter() - started:.0f} s; numbers in {lab / 'results.json'}")
