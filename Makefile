@@ -21,9 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-## make bench: throughput, incremental speed, memory and stop latency, side by side with restic
+## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL
 bench: $(STAMP)
 	$(PY) bench/run.py --lab bench-lab
+	$(PY) bench/daemon.py --lab bench-lab/daemon
 
 ## make bench-compare BASELINE=REV: the bench's backupd figures of commit REV and of the working tree, in one sitting
 bench-compare: $(STAMP)

@@ -344,10 +344,11 @@ def bench_round(cli: Backupd, restic_exe: str | None, lab: Path, number: int,
             "restic": {"full": restic_full, "incremental": restic_incr}}
 
 
-def bench_immediate_stop(cli: Backupd) -> dict[str, Any]:
-    """Start ``stop-4`` detached, wait until its four VMs are ``running`` with bytes moving,
-    then ``job stop stop-4 --immediate --wait``.
+def bench_immediate_stop(cli: Backupd, job: str = "stop-4", provider: str = "slow") -> dict[str, Any]:
+    """Start ``job`` (detached, or handed to the daemon when one runs), wait until all its
+    VMs are ``running`` with bytes moving, then ``job stop JOB --immediate --wait``.
 
+    :param provider: the job's provider, whose ``vm list`` must show no snapshot afterwards
     :returns: seconds from the stop request until the session is ``stopped`` with no snapshot
         left on any VM: the stop command's wall time when ``session show`` and ``vm list``
         run right after it find that (``clean_when_stop_returned``), else the time they first
@@ -355,7 +356,7 @@ def bench_immediate_stop(cli: Backupd) -> dict[str, Any]:
         bytes read when the stop came
     :raises BenchError: the VMs never were all in flight, or the stop left something behind
     """
-    session_id = str(cli.json("job", "start", "stop-4")["session"])
+    session_id = str(cli.json("job", "start", job)["session"])
     seen: dict[str, int] = {}
     deadline = time.monotonic() + 120
     while True:
@@ -365,19 +366,19 @@ def bench_immediate_stop(cli: Backupd) -> dict[str, Any]:
                         for vm in show["vms"]):
             break
         if show["state"] == "stopped" or time.monotonic() > deadline:
-            raise BenchError(f"session {session_id} never had all four VMs in flight: {show}")
+            raise BenchError(f"session {session_id} never had all its VMs in flight: {show}")
         seen = now
         time.sleep(0.2)
-    progress(f"stop-4 session {session_id}: four VMs in flight "
+    progress(f"{job} session {session_id}: {len(now)} VMs in flight "
              f"({', '.join(render.size(b) for b in now.values())} read); "
-             f"job stop stop-4 --immediate --wait")
+             f"job stop {job} --immediate --wait")
     start = time.perf_counter()
-    stop = cli.json("job", "stop", "stop-4", "--immediate", "--wait")
+    stop = cli.json("job", "stop", job, "--immediate", "--wait")
     returned = time.perf_counter() - start
     clean = None
     while True:
         show = cli.json("session", "show", session_id)
-        snapshots = [s for vm in cli.json("vm", "list", "--provider", "slow")
+        snapshots = [s for vm in cli.json("vm", "list", "--provider", provider)
                      for s in vm["snapshots"]]
         if show["state"] == "stopped" and not snapshots:
             break
