@@ -176,14 +176,16 @@ class SessionRunner:
                     futures.append(future)
                 for future in futures:
                     future.result()
-            if self.stop.mode is None and self.state_lost is None:
+            if self.stop.mode is None and self.state_lost is None and repository.garbage_pending():
                 self._collect_garbage(repository)
         finally:
             provider.close()
 
     def _collect_garbage(self, repository: "Repository") -> None:
-        """Free blocks no restore point references; a problem is a warning in the session
-        log, never the session's failure (its restore points are committed)."""
+        """Free blocks no restore point references (retention's collection, if a writer
+        deferred it); a problem is a warning in the session log, never the session's failure
+        (its restore points are committed). It reads every manifest, so it runs only when
+        garbage may exist."""
         try:
             gc = repository.collect_garbage()
         except RepositoryError as exc:

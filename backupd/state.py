@@ -551,9 +551,14 @@ class StateStore:
             )
             return list(db.exec(query))
 
-    def update_task(self, task_id: int, **fields: Any) -> None:
+    def update_task(self, task_id: int, *, note: SessionLog | None = None, **fields: Any) -> None:
+        """Change a VM task's columns and, in the same transaction, add a session log line
+        (``note``): one commit where a VM task's progress would otherwise cost two."""
         with self._session() as db:
-            db.exec(update(VmTask).where(VmTask.id == task_id).values(**fields))  # type: ignore[call-overload]
+            if fields:
+                db.exec(update(VmTask).where(VmTask.id == task_id).values(**fields))  # type: ignore[call-overload]
+            if note is not None:
+                db.add(note)
             db.commit()
 
     def last_results(self) -> dict[str, JobSession]:

@@ -33,7 +33,7 @@ from backupd.enums import TaskStatus, TransferMode
 from backupd.errors import BackupdError, RepositoryError, SessionCancelled, StateError
 from backupd.recovery import recover_dead_sessions, snapshot_name
 from backupd.retry import call_with_retry
-from backupd.state import JobSession, StateStore, VmTask as VmTaskRow, utcnow
+from backupd.state import JobSession, SessionLog, StateStore, VmTask as VmTaskRow, utcnow
 from backupd.stop import StopSignal
 from providers.base import (
     CbtUnavailable,
@@ -222,8 +222,8 @@ class VmTask:
         try:
             # Recorded before anything else, and inside the try: whatever fails from here on
             # (the state DB included), the snapshot is removed.
-            self._update(snapshot_id=snapshot.id)
-            self._log(f"snapshot {snapshot.id} created" + (" (quiesced)" if snapshot.quiesced else ""))
+            self._update(snapshot_id=snapshot.id,
+                         note=f"snapshot {snapshot.id} created" + (" (quiesced)" if snapshot.quiesced else ""))
             self._check_cancel()
             point_id, mode = self._transfer(snapshot)
         finally:
@@ -277,8 +277,7 @@ class VmTask:
             self._update(snapshot_error=str(exc))
             self._log(text, level="error")
             return
-        self._update(snapshot_removed=True)
-        self._log(f"snapshot {snapshot.id} removed")
+        self._update(snapshot_removed=True, note=f"snapshot {snapshot.id} removed")
 
     def _best_effort(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Progress bookkeeping that must not keep a snapshot from being removed."""
@@ -302,8 +301,8 @@ class VmTask:
                 for plan in plans
                 for number in plan.blocks
             )
-            self._update(mode=mode.value, bytes_total=total)
-            self._log(f"{mode.value} transfer of {len(plans)} disk(s), {total} bytes to read")
+            self._update(mode=mode.value, bytes_total=total,
+                         note=f"{mode.value} transfer of {len(plans)} disk(s), {total} bytes to read")
             for plan, disk_writer in zip(plans, disk_writers, strict=True):
                 reader = self._retry(lambda plan=plan: self.provider.open_disk(snapshot, plan.disk))
                 with reader:
@@ -311,13 +310,13 @@ class VmTask:
             self._check_cancel()
             self._update(stage="commit")
             info = writer.commit()
-        # Recorded at once: whatever happens to this process from here on, the state DB
-        # names the restore point the repository now holds.
-        self._update(restore_point=info.id)
         # While blocks are staged, two VM tasks may both count a block they share; the
         # repository settles which point added it at commit.
         self._bytes_stored = info.stored_bytes
-        self._log(f"restore point {info.id} committed ({mode.value}, {self._bytes_read} bytes read, {self._bytes_stored} stored)")
+        # Recorded at once: whatever happens to this process from here on, the state DB
+        # names the restore point the repository now holds.
+        self._update(restore_point=info.id, note=f"restore point {info.id} committed ({mode.value}, "
+                     f"{self._bytes_read} bytes read, {self._bytes_stored} stored)")
         return info.id, mode
 
     def _add_disk(self, writer: "PointWriter", plan: _DiskPlan) -> "DiskWriter":
@@ -436,8 +435,10 @@ class VmTask:
             self._last_progress = now
             self._update(bytes_read=self._bytes_read, bytes_stored=self._bytes_stored)
 
-    def _update(self, **fields: object) -> None:
-        self.store.update_task(self.row.id, **fields)  # type: ignore[arg-type]
+    def _update(self, *, note: str | None = None, **fields: object) -> None:
+        """Change this task's row; ``note``: a session log line written in the same commit."""
+        line = SessionLog(session_id=self.session_id, level="info", vm=self.vm_name, text=note) if note else None
+        self.store.update_task(self.row.id, note=line, **fields)  # type: ignore[arg-type]
 
     def _log(self, text: str, *, level: str = "info") -> None:
         self.store.log(self.session_id, text, level=level, vm=self.vm_name)

@@ -203,6 +203,11 @@ class Repository:
             self.collect_garbage()
         return removed
 
+    def garbage_pending(self) -> bool:
+        """Whether restore points were deleted (or a collection deferred) since the last
+        completed garbage collection: only then can unreferenced blocks exist."""
+        return _maintenance.gc_pending(self._layout)
+
     def collect_garbage(self) -> GcResult:
         """Delete blocks no restore point references, unless writers are busy.
 
