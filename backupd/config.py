@@ -226,6 +226,8 @@ class Config(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     path: Path
+    #: the file's bytes this config was read from
+    source: bytes = Field(default=b"", repr=False)
     state: StateConfig
     daemon: DaemonConfig = DaemonConfig()
     providers: dict[str, BaseModel]
@@ -251,10 +253,12 @@ def default_config_path() -> Path:
     return Path(os.environ.get("BACKUPD_CONFIG") or "backupd.toml")
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, data: bytes | None = None) -> Config:
     """Read, validate and resolve a config file.
 
-    :param path: the TOML file.
+    :param path: the TOML file; relative paths in it are relative to its folder.
+    :param data: the file's bytes as read earlier (the daemon hands its session processes the
+        config it runs with, whatever the file holds now); by default the file is read.
     :raises ConfigError: the file is missing, not UTF-8 text, not TOML, or invalid; every
         problem found is listed with its key path and line. Paths on the way to a folder the
         config names (a repository, a ``state_dir``, the SQLite database's folder) are looked
@@ -262,7 +266,8 @@ def load_config(path: Path) -> Config:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        if data is None:
+            data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), [("", None, f"cannot read the config file: {exc.strerror}")])
     try:
@@ -340,6 +345,7 @@ def load_config(path: Path) -> Config:
         repositories={name: _resolve_paths(repo, base) for name, repo in doc.repositories.items()},
         jobs=dict(doc.jobs),
         daemon=doc.daemon,
+        source=data,
     )
 
 

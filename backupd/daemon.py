@@ -400,7 +400,7 @@ class Daemon:
         assert session.id is not None
         log_path = self.config.path.parent / "logs" / f"session-{session.id}.log"
         try:
-            process = spawn_session_process(self.config.path, session.id, log_path)
+            process = spawn_session_process(self.config, session.id, log_path)
         except OSError as exc:
             self.store.end_session(session.id, SessionResult.FAILED, f"could not start the session's process: {exc}",
                                    unfinished=TaskStatus.NOT_PROCESSED)
@@ -416,7 +416,13 @@ class Daemon:
             if code is None:
                 continue
             del self._state.children[child.session]
-            if code not in (0, 1, 2):  # not a session's exit code: killed, or the runner broke
+            session = self.store.session(child.session)
+            if session.state is SessionState.STARTING and (session.owner_host, session.owner_pid) == self._owner:
+                # it ended before claiming the session: never restart it in a loop
+                text = f"the session's process could not start (exit {code}; see logs/session-{child.session}.log)"
+                self.store.end_session(child.session, SessionResult.FAILED, text, unfinished=TaskStatus.NOT_PROCESSED)
+                log.error("session %s: %s", child.session, text)
+            elif code not in (0, 1, 2):  # not a session's exit code: killed, or the runner broke
                 log.error("session %s: its process ended abnormally (exit %s); recovering", child.session, code)
                 self._recover()
 

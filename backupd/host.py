@@ -10,7 +10,7 @@ this module's loop acts on them.
 
 Run a created session in a process of its own (what ``job start`` and the daemon spawn)::
 
-    python -m backupd.host --config backupd.toml SESSION_ID
+    python -m backupd.host --config backupd.toml [--config-on-stdin] SESSION_ID
 
 Its exit code is the session's (0 success, 1 warning, 2 failed).
 """
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from backupd.enums import SessionResult, StopMode
 
 if TYPE_CHECKING:
+    from backupd.config import Config
     from backupd.service import Backupd
 
 #: seconds between two looks at signals and the live view
@@ -85,23 +86,32 @@ def _request_stop(service: "Backupd", session_id: int, mode: StopMode) -> None:
         print(f"\nsession {session_id} is finishing; nothing is left to stop", file=sys.stderr)
 
 
-def spawn_session_process(config_path: Path, session_id: int, log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_session_process(config: "Config", session_id: int, log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``python -m backupd.host`` for a created session, in a new process session (so a
-    Ctrl-C in the caller's terminal does not reach it), output appended to ``log_path``.
+    Ctrl-C in the caller's terminal does not reach it), output appended to ``log_path``. The
+    process runs with ``config`` as it was read (its bytes go through stdin), not with what
+    the file holds by then: a session runs under the config it was started with.
 
     :raises OSError: the process or its log file could not be created.
     """
     log_path.parent.mkdir(mode=0o700, exist_ok=True)
     with open(log_path, "ab", buffering=0) as out:
         log_path.chmod(0o600)
-        return subprocess.Popen(
-            [sys.executable, "-m", "backupd.host", "--config", str(config_path), str(session_id)],
-            stdin=subprocess.DEVNULL,
+        child = subprocess.Popen(
+            [sys.executable, "-m", "backupd.host", "--config", str(config.path), "--config-on-stdin", str(session_id)],
+            stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
         )
+    assert child.stdin is not None
+    try:
+        child.stdin.write(config.source)
+        child.stdin.close()
+    except BrokenPipeError:
+        pass  # the process died at once; its exit code tells
+    return child
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,13 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m backupd.host", description=main.__doc__)
     parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--config-on-stdin", action="store_true",
+                        help="the config file's bytes come on stdin (its path still resolves relative paths)")
     parser.add_argument("session_id", type=int)
     args = parser.parse_args(argv)
     configure_logging()
     try:
         if not 1 <= args.session_id <= MAX_SESSION_ID:
             raise NotFoundError(f"no session {args.session_id}")
-        service = Backupd(load_config(args.config))
+        data = sys.stdin.buffer.read() if args.config_on_stdin else None
+        service = Backupd(load_config(args.config, data=data))
         try:
             return host_session(service, args.session_id).exit_code
         finally:

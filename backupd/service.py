@@ -143,7 +143,7 @@ class Backupd:
 
         log_path = self.config.path.parent / "logs" / f"session-{session_id}.log"
         try:
-            child = spawn_session_process(self.config.path, session_id, log_path)
+            child = spawn_session_process(self.config, session_id, log_path)
         except OSError as exc:
             text = f"could not start the session's runner process ({log_path}): {exc.strerror or exc}"
             self.store.end_session(session_id, SessionResult.FAILED, text, unfinished=TaskStatus.NOT_PROCESSED)

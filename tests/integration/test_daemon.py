@@ -119,7 +119,9 @@ def test_a_chain_runs_in_order_and_a_recursive_stop_stops_it(lab: Lab, daemons) 
     assert (reports["trigger"], reports["triggered_by"]) == ("chain", apps["id"])
     assert infra["ended_at"] <= apps["started_at"] and apps["ended_at"] <= reports["started_at"]
 
-    lab.configure(read_mib_per_s=1)  # the next infra session takes 8 s
+    lab.configure(read_mib_per_s=1)  # the next infra session takes 8 s, once the daemon reloads
+    daemon.bg.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("SIGHUP: config")
     second = lab.run_json("job", "start", "infra", "--full")["session"]
     lab.wait_for_vms_in_flight(second, ["vm-a"])
     stops = lab.run_json("job", "stop", "infra", "--recursive", "--immediate")["stops"]

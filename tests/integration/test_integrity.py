@@ -94,9 +94,10 @@ def test_a_file_that_is_not_a_manifest_affects_only_its_own_restore_point(lab: L
     """Given a file named like a restore point's manifest that is junk (or a real manifest
     truncated to 0 bytes), when sessions of every job run, then they all succeed with no
     traceback; the bad point is listed as damaged and named by verify; garbage collection
-    deletes nothing while it is there and says so; deleting it lets collection run again."""
+    deletes nothing while it is there (retention's deleted point keeps its blocks) and says so;
+    deleting the bad point lets collection run again."""
     lab.configure(vms={"web": "4 MiB", "db": "4 MiB"},
-                  jobs={"web-job": {"vms": ["web"]}, "db-job": {"vms": ["db"]}})
+                  jobs={"web-job": {"vms": ["web"], "retention": 1}, "db-job": {"vms": ["db"]}})
     lab.fill("web", seed=1)
     lab.fill("db", seed=2)
     web_point = lab.start_wait("web-job")["vms"][0]["restore_point"]
@@ -104,20 +105,25 @@ def test_a_file_that_is_not_a_manifest_affects_only_its_own_restore_point(lab: L
     bad_id = "20200101T000000.000000Z-0badf00d"
     bad = manifest.parent / f"{bad_id}.manifest"
     bad.write_bytes(b"\x00garbage, not a manifest\n" * 3 if damage == "junk" else b"")
+    lab.fill("web", seed=3)  # the next web point has other blocks: the first one's become garbage
+    blocks_before = lab.block_files()
 
     for job in ("web-job", "db-job"):
         proc = lab.run("job", "start", job, "--wait", "--json")
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     listed = {row["id"]: row for row in lab.points()}
     assert listed[bad_id]["damaged"] is True and listed[bad_id]["problem"]
-    assert listed[web_point]["damaged"] is False
+    assert web_point not in listed, "retention deleted the first web point"
     verify = lab.run_json("restore-point", "verify", "--all", rc=EXIT_FAILED)
     assert verify["damaged_points"] == [bad_id]
-    last = lab.sessions("db-job")[0]["id"]
-    assert f"garbage collection deleted nothing: restore point(s) {bad_id}" in _log(lab.session(last))
+    assert blocks_before <= lab.block_files(), "garbage collection deleted nothing"
+    for job in ("web-job", "db-job"):
+        warning = f"garbage collection deleted nothing: restore point(s) {bad_id}"
+        assert warning in _log(lab.session(lab.sessions(job)[0]["id"])), job
 
     assert lab.run_json("restore-point", "delete", bad_id) == {"deleted": [bad_id]}
     assert bad_id not in {row["id"] for row in lab.points()}
+    assert not blocks_before <= lab.block_files(), "collection ran again: the first point's blocks are gone"
     assert lab.run_json("restore-point", "verify", "--all")["ok"]
 
 
