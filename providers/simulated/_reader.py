@@ -49,7 +49,8 @@ class SnapshotDiskReader(DiskReader):
     :param snapshot: the snapshot's folder.
     :param key: the disk's device key.
     :param capacity: the disk's size in bytes.
-    :param faults: fires ``read`` faults; closed with the reader.
+    :param faults: holds reads while ``read`` is paused, fires ``read`` faults; closed with
+        the reader.
     :param pacer: throttles the reader.
     :raises FileNotFoundError: the snapshot's files are gone.
     """
@@ -83,7 +84,7 @@ class SnapshotDiskReader(DiskReader):
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at byte ``offset`` of the disk as the snapshot holds it; fewer only
-        past the end of the disk.
+        past the end of the disk. Blocks, first, as long as the VM's ``read`` is paused.
 
         :raises ValueError: negative ``offset`` or ``length``.
         :raises DiskReadError: the snapshot was removed, a file cannot be read, or a permanent
