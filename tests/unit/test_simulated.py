@@ -730,6 +730,37 @@ def test_reads_blocked_in_other_processes_are_counted_and_a_killed_one_no_longer
             reader.wait(timeout=30)
 
 
+def test_sim_fault_pauses_and_resumes_from_the_command_line(
+    tmp_path: Path, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from backupd.cli import main
+
+    config = tmp_path / "backupd.toml"
+    config.write_text(
+        f'[state]\nurl = "sqlite:///state.db"\n'
+        f'[providers.lab]\ntype = "simulated"\nstate_dir = {json.dumps(str(state_dir))}\n'
+        f'[[providers.lab.vms]]\nname = "vm1"\ndisks = ["1 MiB"]\n'
+    )
+
+    def sim_fault(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as caught:
+            main(["-c", str(config), "sim", "fault", "vm1", *args])
+        out = capsys.readouterr()
+        return caught.value.code, out.out or out.err  # type: ignore[return-value]
+
+    code, text = sim_fault("--op", "read", "--pause", "--json")
+    assert (code, json.loads(text)) == (0, {"vm": "vm1", "faults": {}, "paused": {"read": 0}})
+    code, text = sim_fault("--op", "create_snapshot", "--pause")
+    assert (code, text) == (0, "vm1: faults armed: none; paused: create_snapshot (0 call(s) blocked), read (0 call(s) blocked)\n")
+    code, text = sim_fault("--op", "quiesce", "--pause")
+    assert code == 64 and "cannot be paused" in text
+    code, text = sim_fault("--op", "read", "--resume")
+    assert text.endswith("paused: create_snapshot (0 call(s) blocked)\n")
+    code, text = sim_fault("--op", "read", "--pause", "--clear")
+    assert code == 64 and "give one of" in text
+    assert sim_fault("--clear") == (0, "vm1: faults armed: none; paused: none\n")
+
+
 # -- throttles --------------------------------------------------------------------------------
 
 
