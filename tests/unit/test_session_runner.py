@@ -399,6 +399,41 @@ def test_a_stop_that_comes_once_every_vm_is_done_transferring_changes_nothing(
 # -- failures -----------------------------------------------------------------------------------
 
 
+def test_a_state_db_failing_mid_session_stops_it_and_removes_every_snapshot(
+    site: Site, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given vm-a and vm-b in flight (snapshots recorded) and vm-c waiting, when every VM task
+    update of the runner's state DB fails from then on, then the runner raises one
+    :class:`StateError` saying the session was stopped, every snapshot it created is
+    removed, no restore point is kept, and no traceback is logged."""
+    broken = threading.Event()
+    runner_store = StateStore(site.config.state.connect_url())
+    update_task = runner_store.update_task
+
+    def failing_update_task(task_id: int, **fields: Any) -> None:
+        if broken.is_set():
+            raise StateError("state DB: disk I/O error (injected)")
+        update_task(task_id, **fields)
+
+    monkeypatch.setattr(runner_store, "update_task", failing_update_task)
+    for vm in ("vm-a", "vm-b"):
+        site.provider.pause(vm, "read")
+    session = site.start(store=runner_store)
+    in_flight(site, session.id, ["vm-a", "vm-b"])
+
+    broken.set()
+    caplog.clear()
+    for vm in ("vm-a", "vm-b"):
+        site.provider.resume(vm)
+
+    with pytest.raises(StateError, match=r"stopped: state DB: disk I/O error \(injected\)\. Its snapshots were removed"):
+        session.outcome()
+    assert site.backupd_snapshots() == {}
+    assert site.points() == {}
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == [], "no traceback for a lost state DB"
+    assert sum("stopping the session now" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_transient_read_fault_is_retried_and_a_permanent_one_fails_only_its_vm(site: Site) -> None:
     """Given vm-a armed with two transient read faults and vm-b with a permanent one, when the
     session runs (three attempts per call), then vm-a succeeds after two logged retries,
