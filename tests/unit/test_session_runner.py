@@ -396,6 +396,24 @@ def test_a_stop_that_comes_once_every_vm_is_done_transferring_changes_nothing(
     assert site.points() == {vm_a.restore_point: str(session.id)}
 
 
+def test_a_graceful_stop_once_every_vm_has_started_changes_nothing(site: Site) -> None:
+    """Given a one-VM session whose VM is held inside a read, when a graceful stop comes,
+    then the VM finishes its restore point, the result comes from it (``success``), and the
+    message says the stop came after every VM had started, not that they had finished."""
+    site.configure(vms=["vm-a"])
+    site.provider.pause("vm-a", "read")
+    session = site.start()
+    in_flight(site, session.id, ["vm-a"])
+
+    site.store.request_stop(session.id, StopMode.GRACEFUL, None)
+    stop_seen(site, session.id, StopMode.GRACEFUL)
+    site.provider.resume("vm-a")
+
+    assert session.outcome() is SessionResult.SUCCESS
+    assert site.store.session(session.id).message == "graceful stop came after every VM had started; nothing was stopped"
+    assert site.statuses(session.id) == {"vm-a": TaskStatus.SUCCESS}
+
+
 # -- failures -----------------------------------------------------------------------------------
 
 
