@@ -87,15 +87,18 @@ class SnapshotDiskReader(DiskReader):
         past the end of the disk. Blocks, first, as long as the VM's ``read`` is paused.
 
         :raises ValueError: negative ``offset`` or ``length``.
-        :raises DiskReadError: the snapshot was removed, a file cannot be read, or a permanent
-            ``read`` fault is armed.
+        :raises DiskReadError: the snapshot was removed, a file cannot be read (the VM's
+            faults and pauses included), or a permanent ``read`` fault is armed.
         :raises TransientProviderError: a transient ``read`` fault is armed.
         """
         if offset < 0 or length < 0:
             raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
         if not self._fds:
             raise DiskReadError(f"{self._what}: the reader is closed")
-        self._faults.check()
+        try:
+            self._faults.check()
+        except OSError as exc:
+            raise DiskReadError(f"{self._what}: cannot check the VM's faults and pauses: {exc}") from exc
         end = min(offset + length, self._capacity)
         if end <= offset:
             return b""
