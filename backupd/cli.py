@@ -514,28 +514,42 @@ def sim_write(ctx: _Context, vm: str, provider_name: str | None, disk: int, bloc
 @click.argument("vm", type=TEXT)
 @provider_option
 @click.option("--op", type=click.Choice(["create_snapshot", "quiesce", "remove_snapshot", "read"]),
-              help="The operation that fails.")
+              help="The operation that fails (or, with --pause, blocks).")
 @click.option("--times", type=click.IntRange(1, MAX_FAULT_TIMES), default=1, show_default=True,
               help=f"Fail the next N calls with a transient (retried) error (1 to {MAX_FAULT_TIMES:,}).")
 @click.option("--permanent", is_flag=True, help="Fail every call with a non-transient error until --clear.")
-@click.option("--clear", is_flag=True, help="Remove every fault of the VM.")
+@click.option("--pause", is_flag=True,
+              help="Block every call of --op (read or create_snapshot), without failing, until --resume or --clear.")
+@click.option("--resume", is_flag=True, help="Lift the VM's pauses (of --op only, if given); faults stay armed.")
+@click.option("--clear", is_flag=True, help="Remove every fault and pause of the VM.")
 @json_option
 @pass_ctx
 def sim_fault(ctx: _Context, vm: str, provider_name: str | None, op: str | None, times: int, permanent: bool,
-              clear: bool, as_json: bool) -> None:
-    """Arm a fault that a running job sees at its next call."""
+              pause: bool, resume: bool, clear: bool, as_json: bool) -> None:
+    """Arm a fault or a pause that a running job sees at its next call.
+
+    The answer lists the armed faults and the paused ops, each paused op with the number of
+    calls blocked on it right now (in any process)."""
+    if pause + resume + clear + permanent > 1:
+        raise UsageError("give one of --permanent, --pause, --resume, --clear")
     provider = ctx.service.simulated_provider(vm, provider_name)
     if clear:
         provider.clear_faults(vm)
+    elif resume:
+        provider.resume(vm, op)
     elif op is None:
-        raise UsageError("give --op OPERATION (or --clear)")
+        raise UsageError("give --op OPERATION (or --resume, --clear)")
+    elif pause:
+        provider.pause(vm, op)  # InvalidArgument for an op that cannot pause: exit 64
     else:
         provider.set_fault(vm, op, times=times, permanent=permanent)
     armed = provider.faults(vm)
+    paused = provider.paused(vm)
     if as_json:
-        _print_json({"vm": vm, "faults": armed})
+        _print_json({"vm": vm, "faults": armed, "paused": paused})
     else:
-        click.echo(f"{vm}: faults armed: {armed or 'none'}")
+        held = ", ".join(f"{name} ({calls} call(s) blocked)" for name, calls in paused.items())
+        click.echo(f"{vm}: faults armed: {armed or 'none'}; paused: {held or 'none'}")
 
 
 @sim.command("cbt-reset")

@@ -215,9 +215,10 @@ class SessionRunner:
     def _result(self) -> tuple[SessionResult, str | None]:
         """The session result from its VM tasks and the stop in force.
 
-        A stop that changed nothing (it came when every VM had already finished, so none
-        was cancelled or left unprocessed) does not make the result: the VMs do, and the
-        message says the stop came too late.
+        A stop that changed nothing (none was cancelled or left unprocessed: an immediate
+        stop that came when every VM had finished its transfer, a graceful one when every VM
+        had started) does not make the result: the VMs do, and the message says the stop
+        came too late.
         """
         tasks = self.store.tasks(self.session.id)  # type: ignore[arg-type]
         statuses = [task.status for task in tasks]
@@ -230,8 +231,10 @@ class SessionRunner:
             return SessionResult.FAILED, f"stopped immediately {who}: {count.describe()}"
         if self.stop.mode is StopMode.GRACEFUL and count[TaskStatus.NOT_PROCESSED] == len(statuses):
             return SessionResult.FAILED, CANCELED_BY_USER if by_user else f"stopped {who} before any VM started"
-        late = f"{self.stop.mode.value} stop came after every VM had finished; nothing was stopped" \
-            if self.stop.mode is not None and not took_effect else None
+        late = None
+        if self.stop.mode is not None and not took_effect:
+            done = "finished" if self.stop.mode is StopMode.IMMEDIATE else "started"
+            late = f"{self.stop.mode.value} stop came after every VM had {done}; nothing was stopped"
         if count[TaskStatus.FAILED] or count[TaskStatus.CANCELLED]:
             return SessionResult.FAILED, _join(count.describe(), late)
         if count[TaskStatus.WARNING] or count[TaskStatus.NOT_PROCESSED]:

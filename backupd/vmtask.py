@@ -280,9 +280,13 @@ class VmTask:
         self._update(snapshot_removed=True, note=f"snapshot {snapshot.id} removed")
 
     def _best_effort(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
-        """Progress bookkeeping that must not keep a snapshot from being removed."""
+        """Progress bookkeeping that must not keep a snapshot from being removed. A state DB
+        failure is logged in one line (the session's own handling of it reports it too);
+        anything else is a bug and is logged with its traceback."""
         try:
             fn(*args, **kwargs)
+        except StateError as exc:
+            log.error("VM task %s of session %s: state DB update failed: %s", self.vm_name, self.session_id, exc)
         except Exception:  # noqa: BLE001 - logged; the removal itself matters more
             log.exception("VM task %s of session %s: state DB update failed", self.vm_name, self.session_id)
 

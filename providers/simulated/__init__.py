@@ -15,7 +15,10 @@ On-disk layout (folders 0700, files 0600; JSON written atomically, tmp + rename)
         vm.json              name, id, disks made so far: key, label, capacity_bytes, source
         vm.lock              flock: disk creation, snapshot creation and removal
         faults.json          armed faults {op: {permanent, remaining}}
-        faults.gen           flock of faults.json + a counter bumped on each change of it
+        pauses.json          paused ops [op, ...]
+        faults.gen           flock of faults.json and pauses.json + a counter bumped on
+                             each change of either
+        paused/<op>.<id>     one per call blocked by a pause, flock'ed by that call
         disk-<key>.img       live disk: a sparse file, exactly capacity_bytes long
         disk-<key>.lock      flock: guest writes exclusive, snapshot reads / CBT shared
         disk-<key>.cbt       CBT: 16-byte epoch, then (seq, offset, length) per guest write
@@ -38,7 +41,8 @@ made. A changeId ``"<epoch>/<seq>"`` names the disk after write ``seq`` of an ep
 snapshot records each disk's changeId, so the extents between two changeIds are exactly the
 logged writes between them. A CBT reset starts a new epoch, invalidating older changeIds.
 
-Faults (``create_snapshot``, ``quiesce``, ``remove_snapshot``, ``read``) and throttles
+Faults (``create_snapshot``, ``quiesce``, ``remove_snapshot``, ``read``), pauses
+(``create_snapshot``, ``read``: calls block until resumed) and throttles
 (``read_mib_per_s``, ``snapshot_create_seconds``, ``snapshot_remove_seconds``) are described
 in :mod:`providers.simulated._faults` and ``docs/simulated-hypervisor.md``.
 """
@@ -46,8 +50,8 @@ in :mod:`providers.simulated._faults` and ``docs/simulated-hypervisor.md``.
 from __future__ import annotations
 
 from providers.simulated._errors import InvalidArgument
-from providers.simulated._faults import FAULT_OPS
+from providers.simulated._faults import FAULT_OPS, PAUSE_OPS
 from providers.simulated._provider import SimulatedProvider
 from providers.simulated._vms import FIRST_DISK_KEY
 
-__all__ = ["FAULT_OPS", "FIRST_DISK_KEY", "InvalidArgument", "SimulatedProvider"]
+__all__ = ["FAULT_OPS", "FIRST_DISK_KEY", "PAUSE_OPS", "InvalidArgument", "SimulatedProvider"]

@@ -162,9 +162,20 @@ class VmPaths:
         return self.root / "faults.json"
 
     @property
+    def pauses(self) -> Path:
+        """``pauses.json``: the paused ops."""
+        return self.root / "pauses.json"
+
+    @property
     def faults_generation(self) -> Path:
-        """Lock of ``faults.json`` holding a counter bumped on every change of it."""
+        """Lock of ``faults.json`` and ``pauses.json`` holding a counter bumped on every
+        change of either."""
         return self.root / "faults.gen"
+
+    @property
+    def paused_calls(self) -> Path:
+        """Folder of the calls blocked by a pause: one file each, locked by its call."""
+        return self.root / "paused"
 
     @property
     def snapshots(self) -> Path:

@@ -109,7 +109,8 @@ class SimulatedProvider(Provider):
     def create_snapshot(
         self, vm: VmInfo, *, name: str, description: str, quiesce: bool
     ) -> Snapshot:
-        """Take a snapshot of every disk of the VM; it takes ``snapshot_create_seconds``.
+        """Take a snapshot of every disk of the VM; it takes ``snapshot_create_seconds``, and
+        first waits as long as ``create_snapshot`` is paused (:meth:`pause`).
 
         :param name: stored as given.
         :param description: stored as given.
@@ -120,8 +121,9 @@ class SimulatedProvider(Provider):
         :raises TransientProviderError: a transient ``create_snapshot`` or ``quiesce`` fault.
         """
         target = self._vms.get(vm.name)
-        _take(self.config.snapshot_create_seconds)
         faults = FaultStore(target.name, target.paths)
+        faults.hold("create_snapshot")
+        _take(self.config.snapshot_create_seconds)
         faults.fire("create_snapshot")
         if quiesce:
             faults.fire("quiesce")
@@ -250,7 +252,8 @@ class SimulatedProvider(Provider):
             return log.changed(earlier.seq, at_snapshot.seq, capacity)
 
     def open_disk(self, snapshot: Snapshot, disk: Disk) -> DiskReader:
-        """A reader of ``disk`` as the snapshot holds it, throttled to ``read_mib_per_s``.
+        """A reader of ``disk`` as the snapshot holds it, throttled to ``read_mib_per_s``;
+        its reads wait as long as ``read`` is paused (:meth:`pause`).
 
         :raises SnapshotError: the snapshot does not exist (any more).
         :raises ProviderError: the disk is not part of the snapshot.
@@ -353,12 +356,53 @@ class SimulatedProvider(Provider):
 
     @_maps_os_errors()
     def clear_faults(self, vm_name: str) -> None:
-        """Disarm every fault of the VM.
+        """Disarm every fault and lift every pause of the VM.
 
         :raises VmNotFound: no such VM.
         """
         target = self._vms.get(vm_name)
         FaultStore(target.name, target.paths).clear()
+
+    @_maps_os_errors()
+    def pause(self, vm_name: str, op: str) -> None:
+        """Make the VM's ``op`` calls block, without failing, until :meth:`resume` or
+        :meth:`clear_faults`; seen at once by every process on this state_dir, including by
+        readers already open. A blocked call notices the resume within
+        ``PAUSE_POLL_SECONDS`` (50 ms), then goes on as usual (an armed fault of the op
+        fires then). Nothing else interrupts it: a VM task blocked in a read holds on
+        until the VM is resumed.
+
+        :param op: ``read`` (``DiskReader.read``) or ``create_snapshot`` (before the
+            snapshot exists, so a held creation leaves none).
+        :raises VmNotFound: no such VM.
+        :raises InvalidArgument: ``op`` cannot be paused.
+        """
+        target = self._vms.get(vm_name)
+        FaultStore(target.name, target.paths).pause(op)
+
+    @_maps_os_errors()
+    def resume(self, vm_name: str, op: str | None = None) -> None:
+        """Lift the pause of the VM's ``op`` (None: every pause of the VM); armed faults
+        stay armed.
+
+        :raises VmNotFound: no such VM.
+        :raises InvalidArgument: ``op`` cannot be paused.
+        """
+        target = self._vms.get(vm_name)
+        FaultStore(target.name, target.paths).resume(op)
+
+    @_maps_os_errors()
+    def paused(self, vm_name: str) -> dict[str, int]:
+        """The VM's paused ops, each with how many of its calls are blocked right now in
+        any process on this state_dir: ``{op: calls}``. A test waits for ``calls`` to reach
+        the number of VM tasks it expects inside the op.
+
+        :raises VmNotFound: no such VM.
+        """
+        target = self._vms.get(vm_name)
+        store = FaultStore(target.name, target.paths)
+        blocked = store.blocked()
+        return {op: blocked.get(op, 0) for op in store.paused()}
 
     @_maps_os_errors()
     def faults(self, vm_name: str) -> dict[str, dict[str, Any]]:

@@ -49,7 +49,8 @@ class SnapshotDiskReader(DiskReader):
     :param snapshot: the snapshot's folder.
     :param key: the disk's device key.
     :param capacity: the disk's size in bytes.
-    :param faults: fires ``read`` faults; closed with the reader.
+    :param faults: holds reads while ``read`` is paused, fires ``read`` faults; closed with
+        the reader.
     :param pacer: throttles the reader.
     :raises FileNotFoundError: the snapshot's files are gone.
     """
@@ -83,18 +84,21 @@ class SnapshotDiskReader(DiskReader):
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at byte ``offset`` of the disk as the snapshot holds it; fewer only
-        past the end of the disk.
+        past the end of the disk. Blocks, first, as long as the VM's ``read`` is paused.
 
         :raises ValueError: negative ``offset`` or ``length``.
-        :raises DiskReadError: the snapshot was removed, a file cannot be read, or a permanent
-            ``read`` fault is armed.
+        :raises DiskReadError: the snapshot was removed, a file cannot be read (the VM's
+            faults and pauses included), or a permanent ``read`` fault is armed.
         :raises TransientProviderError: a transient ``read`` fault is armed.
         """
         if offset < 0 or length < 0:
             raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
         if not self._fds:
             raise DiskReadError(f"{self._what}: the reader is closed")
-        self._faults.check()
+        try:
+            self._faults.check()
+        except OSError as exc:
+            raise DiskReadError(f"{self._what}: cannot check the VM's faults and pauses: {exc}") from exc
         end = min(offset + length, self._capacity)
         if end <= offset:
             return b""

@@ -81,6 +81,14 @@ def read_disk(provider: SimulatedProvider, snapshot: Snapshot, index: int = 0) -
         return reader.read(0, disk.capacity_bytes)
 
 
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll ``predicate`` every 10 ms until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        time.sleep(0.01)
+
+
 def make_image(path: Path, size: int, chunks: dict[int, bytes]) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)
@@ -171,6 +179,7 @@ def test_state_files_are_private_to_the_owner(sim: SimulatedProvider, state_dir:
     sim.write_data("vm1", offset=0, data=b"secret")
     snap(sim)
     sim.set_fault("vm1", "read")
+    sim.pause("vm1", "read")
 
     for folder, _dirs, files in os.walk(state_dir):
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
@@ -213,6 +222,9 @@ def test_write_random_blocks_writes_distinct_aligned_blocks_reproducibly(
         (lambda p: p.set_fault("vm1", "read", times=0), InvalidArgument),
         (lambda p: p.write_data("ghost", offset=0, data=b"abc"), VmNotFound),
         (lambda p: p.set_fault("ghost", "read"), VmNotFound),
+        (lambda p: p.pause("vm1", "quiesce"), InvalidArgument),
+        (lambda p: p.resume("vm1", "remove_snapshot"), InvalidArgument),
+        (lambda p: p.pause("ghost", "read"), VmNotFound),
         (lambda p: p.reset_cbt("ghost"), VmNotFound),
     ],
 )
@@ -599,6 +611,154 @@ def test_removing_a_snapshot_that_is_gone_does_not_consume_a_fault(sim: Simulate
     sim.remove_snapshot(snapshot)
 
     assert sim.faults("vm1") == {"remove_snapshot": {"permanent": False, "remaining": 1}}
+
+
+# -- pauses ----------------------------------------------------------------------------------
+
+
+class Call(threading.Thread):
+    """A provider call on its own thread, so the test can watch it block."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self._fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def outcome(self) -> Any:
+        self.join(timeout=30)
+        assert not self.is_alive(), "the call is still blocked"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def test_a_paused_read_blocks_until_resumed_and_is_counted_while_it_waits(
+    make_provider: MakeProvider,
+) -> None:
+    job, admin = make_provider(), make_provider()
+    job.write_random_blocks("vm1", blocks=1, seed=5)
+    snapshot = snap(job)
+    expected = job.disk_path("vm1").read_bytes()[:MiB]
+    with job.open_disk(snapshot, job.disks(snapshot)[0]) as reader:  # opened before the pause
+        admin.pause("vm1", "read")
+        assert admin.paused("vm1") == {"read": 0}
+
+        blocked = Call(lambda: reader.read(0, MiB))
+        wait_until(lambda: admin.paused("vm1") == {"read": 1})
+        assert blocked.is_alive()
+
+        admin.resume("vm1")
+        assert blocked.outcome() == expected
+        assert admin.paused("vm1") == {}
+        assert reader.read(0, MiB) == expected
+
+
+def test_a_fault_armed_during_a_pause_fires_when_the_pause_is_lifted(
+    sim: SimulatedProvider,
+) -> None:
+    snapshot = snap(sim)
+    with sim.open_disk(snapshot, sim.disks(snapshot)[0]) as reader:
+        sim.pause("vm1", "read")
+        blocked = Call(lambda: reader.read(0, MiB))
+        wait_until(lambda: sim.paused("vm1") == {"read": 1})
+
+        sim.set_fault("vm1", "read", permanent=True)
+        sim.resume("vm1", "read")
+
+        with pytest.raises(DiskReadError, match="injected fault: read"):
+            blocked.outcome()
+        assert sim.faults("vm1") == {"read": {"permanent": True, "remaining": None}}, "resume keeps faults"
+
+
+def test_a_paused_snapshot_creation_takes_no_snapshot_until_cleared(sim: SimulatedProvider) -> None:
+    sim.pause("vm1", "create_snapshot")
+    creating = Call(lambda: snap(sim))
+    wait_until(lambda: sim.paused("vm1") == {"create_snapshot": 1})
+    assert sim.list_snapshots(sim.find_vm("vm1")) == []
+
+    sim.clear_faults("vm1")  # lifts pauses too, as `sim fault --clear` does
+
+    created = creating.outcome()
+    assert sim.list_snapshots(sim.find_vm("vm1")) == [created]
+    assert sim.paused("vm1") == {}
+
+
+_PAUSED_READER = """
+import json
+import sys
+from providers.simulated import SimulatedProvider
+from providers.simulated.config import SimulatedProviderConfig
+provider = SimulatedProvider("sim", SimulatedProviderConfig.model_validate(json.loads(sys.argv[1])))
+snapshot = provider.list_snapshots(provider.find_vm("vm1"))[0]
+with provider.open_disk(snapshot, provider.disks(snapshot)[0]) as reader:
+    print(len(reader.read(0, 1048576)))
+"""
+
+
+def test_reads_blocked_in_other_processes_are_counted_and_a_killed_one_no_longer(
+    state_dir: Path,
+) -> None:
+    document = config_document(state_dir, [{"name": "vm1", "disks": ["16 MiB"]}])
+    admin = SimulatedProvider("sim", SimulatedProviderConfig.model_validate(document))
+    snap(admin)
+    admin.pause("vm1", "read")
+    readers = [
+        subprocess.Popen([sys.executable, "-c", _PAUSED_READER, json.dumps(document)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        wait_until(lambda: admin.paused("vm1") == {"read": 2})
+
+        readers[0].kill()
+        readers[0].wait(timeout=30)
+        assert admin.paused("vm1") == {"read": 1}, "a dead waiter's lock went with it"
+
+        admin.resume("vm1")
+        out, _ = readers[1].communicate(timeout=30)
+        assert (readers[1].returncode, out) == (0, f"{MiB}\n")
+    finally:
+        for reader in readers:
+            reader.kill()
+            reader.wait(timeout=30)
+
+
+def test_sim_fault_pauses_and_resumes_from_the_command_line(
+    tmp_path: Path, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from backupd.cli import main
+
+    config = tmp_path / "backupd.toml"
+    config.write_text(
+        f'[state]\nurl = "sqlite:///state.db"\n'
+        f'[providers.lab]\ntype = "simulated"\nstate_dir = {json.dumps(str(state_dir))}\n'
+        f'[[providers.lab.vms]]\nname = "vm1"\ndisks = ["1 MiB"]\n'
+    )
+
+    def sim_fault(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as caught:
+            main(["-c", str(config), "sim", "fault", "vm1", *args])
+        out = capsys.readouterr()
+        return caught.value.code, out.out or out.err  # type: ignore[return-value]
+
+    code, text = sim_fault("--op", "read", "--pause", "--json")
+    assert (code, json.loads(text)) == (0, {"vm": "vm1", "faults": {}, "paused": {"read": 0}})
+    code, text = sim_fault("--op", "create_snapshot", "--pause")
+    assert (code, text) == (0, "vm1: faults armed: none; paused: create_snapshot (0 call(s) blocked), read (0 call(s) blocked)\n")
+    code, text = sim_fault("--op", "quiesce", "--pause")
+    assert code == 64 and "cannot be paused" in text
+    code, text = sim_fault("--op", "read", "--resume")
+    assert text.endswith("paused: create_snapshot (0 call(s) blocked)\n")
+    code, text = sim_fault("--op", "read", "--pause", "--clear")
+    assert code == 64 and "give one of" in text
+    assert sim_fault("--clear") == (0, "vm1: faults armed: none; paused: none\n")
 
 
 # -- throttles --------------------------------------------------------------------------------

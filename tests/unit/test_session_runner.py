@@ -1,0 +1,476 @@
+"""The session runner and its VM tasks in this process, driven by the simulated hypervisor's
+pauses and faults instead of read throttles and sleeps.
+
+Each test writes a config into ``tmp_path`` (simulated provider, repository and SQLite state DB
+there too), creates a session through :class:`backupd.service.Backupd` and runs
+:class:`backupd.engine.SessionRunner` on a thread. A VM paused in ``read`` is held inside its
+first block read with its snapshot taken: "in flight", for as long as the test wants. Stop
+requests are written with :meth:`StateStore.request_stop`, exactly as ``backupd job stop``
+writes them. Tests synchronise only on observed state: the provider's count of blocked calls,
+the VM task rows and the session log in the state DB.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from backupd.config import Config, load_config
+from backupd.engine import CANCELED_BY_USER, SessionRunner
+from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
+from backupd.errors import StateError
+from backupd.service import Backupd
+from backupd.state import StateStore, VmTask
+from providers.simulated import SimulatedProvider
+
+MiB = 1 << 20
+#: each VM's one disk, filled with incompressible data so every block is read
+DISK_BYTES = 2 * MiB
+VMS = ["vm-a", "vm-b", "vm-c"]
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """Poll ``predicate`` every 10 ms until it returns something truthy, and return that.
+
+    :raises AssertionError: after ``timeout`` seconds (a hang guard, not a performance bound).
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return value
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)  # strings, numbers, booleans and lists of them are valid TOML too
+
+
+class RunningSession:
+    """A session runner on its own thread.
+
+    :param runner: the runner, not yet started.
+    """
+
+    def __init__(self, runner: SessionRunner) -> None:
+        self.runner = runner
+        self.id: int = runner.session.id  # type: ignore[assignment]
+        self._result: SessionResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"test-session-{self.id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self.runner.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self._error = exc
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def outcome(self) -> SessionResult:
+        """The session result once the runner returns.
+
+        :raises BaseException: what the runner raised.
+        """
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), f"session {self.id}'s runner did not return"
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+class Site:
+    """A backupd installation in ``tmp_path``: three VMs of one filled 2 MiB disk each, a job
+    ``nightly`` over them (two at a time, transient errors retried without waiting)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "backupd.toml"
+        self._sessions: list[RunningSession] = []
+        self._write()
+        self._load()
+        self.provider = SimulatedProvider("lab", self.config.providers["lab"])  # type: ignore[arg-type]
+        for seed, vm in enumerate(VMS):
+            self.provider.write_random_blocks(vm, blocks=DISK_BYTES // MiB, seed=seed)
+
+    def configure(self, **job: Any) -> None:
+        """Rewrite and reload the config; ``job`` overrides settings of job ``nightly``."""
+        self.service.close()
+        self._write(**job)
+        self._load()
+
+    def _write(self, **job: Any) -> None:
+        settings = {"provider": "lab", "repository": "local", "vms": VMS, "max_parallel_vms": 2,
+                    "retry": {"attempts": 3, "wait_seconds": 0}, **job}
+        lines = [
+            "[state]", 'url = "sqlite:///state.db"',
+            "[providers.lab]", 'type = "simulated"', 'state_dir = "lab"',
+            *(f'[[providers.lab.vms]]\nname = "{vm}"\ndisks = ["{DISK_BYTES // MiB} MiB"]' for vm in VMS),
+            "[repositories.local]", 'path = "repo"',
+            "[jobs.nightly]", *(f"{key} = {_toml(value)}" for key, value in settings.items()),
+        ]
+        self.path.write_text("\n".join(lines) + "\n")
+
+    def _load(self) -> None:
+        self.config: Config = load_config(self.path)
+        self.service = Backupd(self.config)
+        self.store: StateStore = self.service.store
+
+    def start(self, *, full: bool = False, store: StateStore | None = None) -> RunningSession:
+        """Create a session of ``nightly`` and run it on a thread.
+
+        :param store: the state DB the runner uses (default: the test's).
+        """
+        session = self.service.create_session("nightly", full=full)
+        running = RunningSession(SessionRunner(self.config, store or self.store, session.id))  # type: ignore[arg-type]
+        self._sessions.append(running)
+        return running
+
+    def run(self, *, full: bool = False) -> tuple[int, SessionResult]:
+        """Run a session of ``nightly`` to its end."""
+        running = self.start(full=full)
+        return running.id, running.outcome()
+
+    def tasks(self, session_id: int) -> dict[str, VmTask]:
+        return {task.vm: task for task in self.store.tasks(session_id)}
+
+    def statuses(self, session_id: int) -> dict[str, TaskStatus]:
+        return {vm: task.status for vm, task in self.tasks(session_id).items()}
+
+    def log(self, session_id: int) -> list[str]:
+        return [line.text for line in self.store.log_lines(session_id)]
+
+    def wait_paused(self, op: str, vms: list[str]) -> None:
+        """Wait until a call of ``op`` of each VM is blocked by its pause."""
+        for vm in vms:
+            wait_until(lambda vm=vm: self.provider.paused(vm).get(op) == 1, f"{vm}'s {op} to be held")
+
+    def wait_log(self, session_id: int, text: str) -> None:
+        wait_until(lambda: any(text in line for line in self.log(session_id)), f"log line {text!r}")
+
+    def backupd_snapshots(self) -> dict[str, list[str]]:
+        """Every VM's snapshots, by name, VMs without any left out."""
+        found = {vm: [s.name for s in self.provider.list_snapshots(self.provider.find_vm(vm))] for vm in VMS}
+        return {vm: names for vm, names in found.items() if names}
+
+    def points(self) -> dict[str, str]:
+        """Restore point id → the session that made it."""
+        return {point.id: point.session for _repo, point in self.service.restore_points()}
+
+    def tear_down(self) -> None:
+        """Let no runner outlive its test: lift every pause, stop every session at once."""
+        for vm in VMS:
+            self.provider.clear_faults(vm)
+        for running in self._sessions:
+            if running.running:
+                self.store.request_stop(running.id, StopMode.IMMEDIATE, None)
+                try:
+                    running.outcome()
+                except Exception:  # noqa: BLE001 - the test's own assertions said what failed
+                    pass
+        self.service.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    lab = Site(tmp_path)
+    yield lab
+    lab.tear_down()
+
+
+def in_flight(site: Site, session_id: int, vms: list[str]) -> None:
+    """Wait until each VM of ``vms`` is held in its first block read (snapshot taken and
+    recorded, nothing of its disk read yet)."""
+    site.wait_paused("read", vms)
+    tasks = site.tasks(session_id)
+    for vm in vms:
+        assert (tasks[vm].status, tasks[vm].stage, tasks[vm].bytes_read) == (TaskStatus.RUNNING, "transfer", 0)
+        assert tasks[vm].snapshot_id is not None
+
+
+def stop_seen(site: Site, session_id: int, mode: StopMode) -> None:
+    """Wait until the runner has acted on a stop of ``mode`` (its log line comes after it
+    raised the stop signal's events)."""
+    site.wait_log(session_id, f"{mode.value} stop requested")
+
+
+# -- the stop contract ------------------------------------------------------------------------
+
+
+def test_immediate_stop_cancels_vms_in_flight_removes_their_snapshots_and_fails_the_session(
+    site: Site,
+) -> None:
+    """Given restore points of an earlier session and a full session with vm-a and vm-b held
+    inside a read and vm-c waiting for a slot, when an immediate stop is requested, then the
+    VMs in flight end ``cancelled`` at their next block boundary with no restore point and
+    their snapshots removed, vm-c ends ``not_processed`` with no snapshot, the session
+    ``failed``; the earlier restore points are untouched and still verify."""
+    _, first = site.run()
+    assert first is SessionResult.SUCCESS
+    earlier = site.points()
+    for vm in ("vm-a", "vm-b"):
+        site.provider.pause(vm, "read")
+    session = site.start(full=True)
+    in_flight(site, session.id, ["vm-a", "vm-b"])
+    assert site.statuses(session.id)["vm-c"] is TaskStatus.PENDING
+    assert site.backupd_snapshots() == {"vm-a": [f"backupd-nightly-{session.id}"], "vm-b": [f"backupd-nightly-{session.id}"]}
+
+    assert site.store.request_stop(session.id, StopMode.IMMEDIATE, None) == ("stop_requested", StopMode.IMMEDIATE)
+    stop_seen(site, session.id, StopMode.IMMEDIATE)
+    for vm in ("vm-a", "vm-b"):
+        site.provider.resume(vm)
+
+    assert session.outcome() is SessionResult.FAILED
+    tasks = site.tasks(session.id)
+    assert {vm: task.status for vm, task in tasks.items()} == {
+        "vm-a": TaskStatus.CANCELLED, "vm-b": TaskStatus.CANCELLED, "vm-c": TaskStatus.NOT_PROCESSED,
+    }
+    for vm in ("vm-a", "vm-b"):
+        assert tasks[vm].restore_point is None and tasks[vm].snapshot_removed is True
+        assert tasks[vm].bytes_read < DISK_BYTES, "an immediate stop acts between blocks, not after the disk"
+    assert tasks["vm-c"].snapshot_id is None
+    assert site.backupd_snapshots() == {}, "every snapshot the session created is removed"
+    row = site.store.session(session.id)
+    assert (row.state, row.message) == (SessionState.STOPPED, "stopped immediately by user: 2 cancelled, 1 not_processed")
+    assert site.points() == earlier, "partial data never becomes a restore point; earlier ones stay"
+    assert site.service.verify(None)["ok"] is True
+
+
+def test_immediate_stop_during_snapshot_creation_removes_the_snapshot_created_after_it(site: Site) -> None:
+    """Given vm-a held inside its snapshot creation, when an immediate stop comes, then the
+    snapshot that creation still makes is recorded and removed, and vm-a ends ``cancelled``."""
+    site.configure(max_parallel_vms=1)
+    site.provider.pause("vm-a", "create_snapshot")
+    session = site.start()
+    site.wait_paused("create_snapshot", ["vm-a"])
+
+    site.store.request_stop(session.id, StopMode.IMMEDIATE, None)
+    stop_seen(site, session.id, StopMode.IMMEDIATE)
+    site.provider.resume("vm-a")
+
+    assert session.outcome() is SessionResult.FAILED
+    vm_a = site.tasks(session.id)["vm-a"]
+    assert (vm_a.status, vm_a.snapshot_removed, vm_a.restore_point) == (TaskStatus.CANCELLED, True, None)
+    assert vm_a.snapshot_id is not None
+    assert site.backupd_snapshots() == {}
+
+
+def test_graceful_stop_lets_vms_in_flight_finish_and_leaves_the_rest_unprocessed(site: Site) -> None:
+    """Given vm-a and vm-b held inside a read and vm-c waiting, when a graceful stop is
+    requested, then vm-a and vm-b go on and complete their restore points and snapshot
+    removal once resumed, vm-c ends ``not_processed``, and the session ends ``warning``."""
+    for vm in ("vm-a", "vm-b"):
+        site.provider.pause(vm, "read")
+    session = site.start()
+    in_flight(site, session.id, ["vm-a", "vm-b"])
+
+    site.store.request_stop(session.id, StopMode.GRACEFUL, None)
+    stop_seen(site, session.id, StopMode.GRACEFUL)
+    assert site.store.session(session.id).state is SessionState.STOPPING
+    wait_until(lambda: site.statuses(session.id)["vm-c"] is TaskStatus.NOT_PROCESSED, "vm-c given up")
+    assert site.statuses(session.id) == {
+        "vm-a": TaskStatus.RUNNING, "vm-b": TaskStatus.RUNNING, "vm-c": TaskStatus.NOT_PROCESSED,
+    }, "VMs in flight go on"
+    for vm in ("vm-a", "vm-b"):
+        site.provider.resume(vm)
+
+    assert session.outcome() is SessionResult.WARNING
+    tasks = site.tasks(session.id)
+    assert {vm: task.status for vm, task in tasks.items()} == {
+        "vm-a": TaskStatus.SUCCESS, "vm-b": TaskStatus.SUCCESS, "vm-c": TaskStatus.NOT_PROCESSED,
+    }
+    for vm in ("vm-a", "vm-b"):
+        assert tasks[vm].snapshot_removed is True and tasks[vm].bytes_read == DISK_BYTES
+    assert sorted(site.points().values()) == [str(session.id)] * 2
+    assert {tasks[vm].restore_point for vm in ("vm-a", "vm-b")} == set(site.points())
+    assert tasks["vm-c"].snapshot_id is None and site.backupd_snapshots() == {}
+    assert site.store.session(session.id).message == "stopped gracefully by user: 2 success, 1 not_processed"
+
+
+def test_graceful_stop_before_the_first_vm_starts_fails_the_session_as_canceled_by_user(site: Site) -> None:
+    """Given a session whose first VM waits for its VM lock, held by another running session
+    (so its snapshot creation has not begun), when it is stopped gracefully, then it ends
+    ``failed`` with "Operation was canceled by user", every VM ``not_processed``, no snapshot
+    taken, and the other session's lock untouched."""
+    site.configure(max_parallel_vms=1)
+    holder = site.store.create_session("other", ["vm-a"], full=False)
+    assert site.store.try_lock_vm("lab/vm-a", holder.id) is None  # type: ignore[arg-type]
+    session = site.start()
+    site.wait_log(session.id, f"waiting for session {holder.id}, which is processing this VM")
+    vm_a = site.tasks(session.id)["vm-a"]
+    assert (vm_a.status, vm_a.stage) == (TaskStatus.RUNNING, "waiting")
+
+    site.store.request_stop(session.id, StopMode.GRACEFUL, None)
+
+    assert session.outcome() is SessionResult.FAILED
+    assert site.store.session(session.id).message == CANCELED_BY_USER
+    assert set(site.statuses(session.id).values()) == {TaskStatus.NOT_PROCESSED}
+    assert all(task.snapshot_id is None for task in site.tasks(session.id).values())
+    assert site.backupd_snapshots() == {}
+    assert site.store.try_lock_vm("lab/vm-a", session.id) == holder.id
+
+
+def test_graceful_stop_once_the_first_snapshot_creation_has_begun_lets_that_vm_finish(site: Site) -> None:
+    """The other side of the previous row: given vm-a held inside its snapshot creation,
+    when a graceful stop comes, then vm-a is in flight and finishes its restore point, the
+    VMs after it end ``not_processed`` and the session ends ``warning``, not "canceled"."""
+    site.configure(max_parallel_vms=1)
+    site.provider.pause("vm-a", "create_snapshot")
+    session = site.start()
+    site.wait_paused("create_snapshot", ["vm-a"])
+
+    site.store.request_stop(session.id, StopMode.GRACEFUL, None)
+    stop_seen(site, session.id, StopMode.GRACEFUL)
+    site.provider.resume("vm-a")
+
+    assert session.outcome() is SessionResult.WARNING
+    assert site.statuses(session.id) == {
+        "vm-a": TaskStatus.SUCCESS, "vm-b": TaskStatus.NOT_PROCESSED, "vm-c": TaskStatus.NOT_PROCESSED,
+    }
+    assert site.backupd_snapshots() == {}
+
+
+def test_a_graceful_stop_whose_drain_period_ends_escalates_to_immediate(site: Site) -> None:
+    """Given vm-a held inside a read, when a graceful stop with a 0.5 s drain period comes,
+    then the runner escalates it to immediate once the period ends (session log: "the drain
+    period ended"), and vm-a ends ``cancelled`` at its next block boundary once resumed; its
+    snapshot is removed and the session ends ``failed``."""
+    site.configure(max_parallel_vms=1)
+    site.provider.pause("vm-a", "read")
+    session = site.start()
+    in_flight(site, session.id, ["vm-a"])
+
+    site.store.request_stop(session.id, StopMode.GRACEFUL, None, drain_seconds=0.5)
+    site.wait_log(session.id, "the drain period ended")
+    stop_seen(site, session.id, StopMode.IMMEDIATE)
+    assert site.store.session(session.id).stop_mode is StopMode.IMMEDIATE
+    site.provider.resume("vm-a")
+
+    assert session.outcome() is SessionResult.FAILED
+    vm_a = site.tasks(session.id)["vm-a"]
+    assert (vm_a.status, vm_a.restore_point, vm_a.snapshot_removed) == (TaskStatus.CANCELLED, None, True)
+    assert site.statuses(session.id)["vm-c"] is TaskStatus.NOT_PROCESSED
+    assert site.backupd_snapshots() == {} and site.points() == {}
+
+
+def test_a_stop_that_comes_once_every_vm_is_done_transferring_changes_nothing(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given a one-VM session, when an immediate stop is written the moment its restore point
+    is recorded (the transfer is over, only snapshot removal and retention are left), then the
+    VM ends ``success`` with its restore point, the session's result comes from the VMs, and
+    its message says the stop came too late."""
+    site.configure(vms=["vm-a"])
+    runner_store = StateStore(site.config.state.connect_url())
+    update_task = runner_store.update_task
+
+    answers: list[tuple[str, StopMode | None]] = []
+
+    def stop_once_the_point_is_recorded(task_id: int, **fields: Any) -> None:
+        update_task(task_id, **fields)
+        if fields.get("restore_point") and not answers:  # recorded, then again at the VM's end
+            (running,) = runner_store.running_sessions("nightly")
+            answers.append(runner_store.request_stop(running.id, StopMode.IMMEDIATE, None))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner_store, "update_task", stop_once_the_point_is_recorded)
+    session = site.start(store=runner_store)
+
+    assert session.outcome() is SessionResult.SUCCESS
+    assert answers == [("stop_requested", StopMode.IMMEDIATE)]
+    row = site.store.session(session.id)
+    assert row.stop_mode is StopMode.IMMEDIATE
+    assert row.message == "immediate stop came after every VM had finished; nothing was stopped"
+    vm_a = site.tasks(session.id)["vm-a"]
+    assert (vm_a.status, vm_a.snapshot_removed) == (TaskStatus.SUCCESS, True)
+    assert site.points() == {vm_a.restore_point: str(session.id)}
+
+
+def test_a_graceful_stop_once_every_vm_has_started_changes_nothing(site: Site) -> None:
+    """Given a one-VM session whose VM is held inside a read, when a graceful stop comes,
+    then the VM finishes its restore point, the result comes from it (``success``), and the
+    message says the stop came after every VM had started, not that they had finished."""
+    site.configure(vms=["vm-a"])
+    site.provider.pause("vm-a", "read")
+    session = site.start()
+    in_flight(site, session.id, ["vm-a"])
+
+    site.store.request_stop(session.id, StopMode.GRACEFUL, None)
+    stop_seen(site, session.id, StopMode.GRACEFUL)
+    site.provider.resume("vm-a")
+
+    assert session.outcome() is SessionResult.SUCCESS
+    assert site.store.session(session.id).message == "graceful stop came after every VM had started; nothing was stopped"
+    assert site.statuses(session.id) == {"vm-a": TaskStatus.SUCCESS}
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+def test_a_state_db_failing_mid_session_stops_it_and_removes_every_snapshot(
+    site: Site, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given vm-a and vm-b in flight (snapshots recorded) and vm-c waiting, when every VM task
+    update of the runner's state DB fails from then on, then the runner raises one
+    :class:`StateError` saying the session was stopped, every snapshot it created is
+    removed, no restore point is kept, and no traceback is logged."""
+    broken = threading.Event()
+    runner_store = StateStore(site.config.state.connect_url())
+    update_task = runner_store.update_task
+
+    def failing_update_task(task_id: int, **fields: Any) -> None:
+        if broken.is_set():
+            raise StateError("state DB: disk I/O error (injected)")
+        update_task(task_id, **fields)
+
+    monkeypatch.setattr(runner_store, "update_task", failing_update_task)
+    for vm in ("vm-a", "vm-b"):
+        site.provider.pause(vm, "read")
+    session = site.start(store=runner_store)
+    in_flight(site, session.id, ["vm-a", "vm-b"])
+
+    broken.set()
+    caplog.clear()
+    for vm in ("vm-a", "vm-b"):
+        site.provider.resume(vm)
+
+    with pytest.raises(StateError, match=r"stopped: state DB: disk I/O error \(injected\)\. Its snapshots were removed"):
+        session.outcome()
+    assert site.backupd_snapshots() == {}
+    assert site.points() == {}
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == [], "no traceback for a lost state DB"
+    assert sum("stopping the session now" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_transient_read_fault_is_retried_and_a_permanent_one_fails_only_its_vm(site: Site) -> None:
+    """Given vm-a armed with two transient read faults and vm-b with a permanent one, when the
+    session runs (three attempts per call), then vm-a succeeds after two logged retries,
+    vm-b fails with the injected error and its snapshot removed, vm-c is not disturbed, and
+    the session ends ``failed``."""
+    site.provider.set_fault("vm-a", "read", times=2)
+    site.provider.set_fault("vm-b", "read", permanent=True)
+
+    session_id, result = site.run()
+
+    assert result is SessionResult.FAILED
+    tasks = site.tasks(session_id)
+    assert {vm: task.status for vm, task in tasks.items()} == {
+        "vm-a": TaskStatus.SUCCESS, "vm-b": TaskStatus.FAILED, "vm-c": TaskStatus.SUCCESS,
+    }
+    retries = [line.text for line in site.store.log_lines(session_id) if line.vm == "vm-a" and "retrying" in line.text]
+    assert [text.split(" failed")[0] for text in retries] == ["attempt 1", "attempt 2"]
+    assert site.provider.faults("vm-a") == {}, "both transient faults were consumed"
+    assert "injected fault: read failed on VM 'vm-b' (permanent" in (tasks["vm-b"].error or "")
+    assert tasks["vm-b"].snapshot_removed is True and tasks["vm-b"].restore_point is None
+    assert site.backupd_snapshots() == {}
+    assert sorted(point_session for point_session in site.points().values()) == [str(session_id)] * 2
