@@ -233,7 +233,8 @@ class Backupd:
         if idle:
             parts.append("no running session for job " + ", ".join(repr(j) for j in idle))
         if late:
-            parts.append("too late to stop job " + ", ".join(late) + ": every VM had already finished")
+            parts.append("too late to stop job " + ", ".join(late) + ": the stop changed nothing (no VM was left to "
+                         "start or to cancel)")
         return NoRunningSessionError("; ".join(parts)) if parts else None
 
     # -- repositories -----------------------------------------------------------------------
