@@ -60,18 +60,22 @@ def snapshot_name(job: str, session_id: int) -> str:
     return f"{SNAPSHOT_PREFIX}{job}-{session_id}"
 
 
-def recover(config: "Config", store: StateStore) -> list[str]:
+def recover(config: "Config", store: StateStore, *, hunt_jobs: set[str] | None = None) -> list[str]:
     """The whole crash row of the stop contract, in one pass (the daemon runs it at start,
     every minute and when a session process dies; a session runs it at its start when no
     daemon runs): sessions whose runner is gone end ``failed`` and free their VM locks;
-    snapshots ended sessions left are removed (the snapshot hunter, every job); repository
-    staging of dead writers is discarded.
+    snapshots ended sessions recorded and did not remove are removed, every job's; the
+    snapshot hunter removes those never recorded, found by name; repository staging of dead
+    writers is discarded.
 
+    :param hunt_jobs: look for unrecorded snapshots on these jobs' VMs only (a session without
+        a daemon: its own job, as listing every VM of a large config costs seconds); None:
+        every job's.
     :returns: one line per action, for a log.
     :raises StateError: the state DB cannot be used.
     """
     actions = [f"session {sid} ended failed: {RUNNER_DIED}" for sid in recover_dead_sessions(config, store)]
-    actions += [orphan.describe() for orphan in hunt(config, store)]
+    actions += [orphan.describe() for orphan in hunt(config, store, by_name=hunt_jobs)]
     for name, repository in sorted(config.repositories.items()):
         if repository.path.is_dir():
             try:
@@ -181,7 +185,8 @@ class OrphanedSnapshot:
 
 
 def remove_orphaned_snapshots(
-    store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", *, dry_run: bool = False
+    store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", *, dry_run: bool = False,
+    by_name: bool = True,
 ) -> list[OrphanedSnapshot]:
     """Remove the snapshots of ended sessions on the job's VMs: those recorded but not
     removed (a killed runner, a removal that kept failing) and, by name, those never recorded
@@ -195,8 +200,9 @@ def remove_orphaned_snapshots(
     snapshot, where an administrator looks for it and where the metrics count it.
 
     :param dry_run: find them, remove nothing (``would remove``).
+    :param by_name: also list the job's VMs' snapshots to find those never recorded.
     """
-    found = _find_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run)
+    found = _find_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run, by_name=by_name)
     if not dry_run:
         for orphan in found:
             level = "warning" if orphan.action.startswith("failed") else "info"
@@ -205,7 +211,7 @@ def remove_orphaned_snapshots(
 
 
 def _find_orphaned_snapshots(
-    store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", *, dry_run: bool
+    store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", *, dry_run: bool, by_name: bool
 ) -> list[OrphanedSnapshot]:
     from providers.base import ProviderError, VmNotFound
 
@@ -229,7 +235,7 @@ def _find_orphaned_snapshots(
         found.append(OrphanedSnapshot(provider.name, task.vm, task.snapshot_id or "", snapshot.name if snapshot else "",  # type: ignore[arg-type]
                                       snapshot.created_at if snapshot else None, task.session_id, action, True))
 
-    for vm_name in job.vms:
+    for vm_name in job.vms if by_name else ():
         try:
             vm = provider.find_vm(vm_name)
             snapshots = provider.list_snapshots(vm)
@@ -254,10 +260,12 @@ def _find_orphaned_snapshots(
 
 
 def hunt(config: "Config", store: StateStore, *, provider_name: str | None = None,
-         dry_run: bool = False) -> list[OrphanedSnapshot]:
+         dry_run: bool = False, by_name: set[str] | None = None) -> list[OrphanedSnapshot]:
     """The snapshot hunter over every job (of one provider, if given): what
-    :func:`remove_orphaned_snapshots` finds on each job's VMs.
+    :func:`remove_orphaned_snapshots` finds on each job's VMs. A provider is opened only when
+    one of its jobs has something to look at.
 
+    :param by_name: the jobs whose VMs are listed for unrecorded snapshots (None: all).
     :raises NotFoundError: ``provider_name`` is not in the config.
     """
     from backupd.errors import NotFoundError
@@ -270,15 +278,18 @@ def hunt(config: "Config", store: StateStore, *, provider_name: str | None = Non
     for name in sorted(config.providers):
         if provider_name not in (None, name):
             continue
+        jobs = [(job_name, job, by_name is None or job_name in by_name)
+                for job_name, job in sorted(config.jobs.items()) if job.provider == name]
+        if not any(listed or store.unremoved_snapshots(job_name) for job_name, _job, listed in jobs):
+            continue
         try:
             provider = open_provider(name, config.providers[name])
         except ProviderError as exc:
             log.warning("provider %s: cannot look for orphaned snapshots: %s", name, exc)
             continue
         try:
-            for job_name, job in sorted(config.jobs.items()):
-                if job.provider == name:
-                    found.extend(remove_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run))
+            for job_name, job, listed in jobs:
+                found.extend(remove_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run, by_name=listed))
         finally:
             provider.close()
     return found
