@@ -295,7 +295,7 @@ class Daemon:
             log.info("%s: %s stop of %d running session(s)",
                      "shutting down" if self._stopping == 1 else "second signal", mode.value, len(self._state.children))
             for child in list(self._state.children.values()):
-                drain = self._job_setting(child.job, "drain_period_seconds")
+                drain = self.service.drain_period(child.job)
                 self._guarded(lambda child=child, drain=drain: self.store.request_stop(
                     child.session, mode, "the daemon is shutting down", drain_seconds=drain, reason="shutdown"))
             self._guarded(self._end_unstarted)
@@ -530,8 +530,8 @@ class Daemon:
         from backupd.recovery import recover
 
         def run() -> None:
-            for action in recover(self.config, self.store):
-                log.warning("recovery: %s", action)
+            for level, action in recover(self.config, self.store):
+                log.log(logging.WARNING if level == "warning" else logging.INFO, "recovery: %s", action)
 
         self._guarded(run)
 
@@ -549,10 +549,6 @@ class Daemon:
         runs = {name: (self._planner.next.get(name), job.schedule.describe())
                 for name, job in self.config.jobs.items() if job.schedule is not None}
         self._guarded(lambda: self.registry.set_schedules(runs))
-
-    def _job_setting(self, job: str, key: str) -> Any:
-        settings = self.config.jobs.get(job)
-        return getattr(settings, key) if settings is not None else None
 
 
 def run_daemon(config_path: Path) -> int:

@@ -155,8 +155,8 @@ class SessionRunner:
         repository = self.config.repositories[self.job.repository].open(create=True)
         provider = open_provider(self.job.provider, self.config.providers[self.job.provider])
         if DaemonRegistry(self.store).alive() is None:  # a running daemon does it every minute
-            for action in recover(self.config, self.store, hunt_jobs={self.session.job}):
-                self.store.log(session_id, f"recovery: {action}", level="warning" if "could not" in action else "info")
+            for level, action in recover(self.config, self.store, hunt_jobs={self.session.job}):
+                self.store.log(session_id, f"recovery: {action}", level=level)
         self.store.advance_session(session_id, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
         self.store.log(session_id, f"session started: job {self.session.job}, {len(self.job.vms)} VMs")
 

@@ -60,7 +60,7 @@ def snapshot_name(job: str, session_id: int) -> str:
     return f"{SNAPSHOT_PREFIX}{job}-{session_id}"
 
 
-def recover(config: "Config", store: StateStore, *, hunt_jobs: set[str] | None = None) -> list[str]:
+def recover(config: "Config", store: StateStore, *, hunt_jobs: set[str] | None = None) -> list[tuple[str, str]]:
     """The whole crash row of the stop contract, in one pass (the daemon runs it at start,
     every minute and when a session process dies; a session runs it at its start when no
     daemon runs): sessions whose runner is gone end ``failed`` and free their VM locks;
@@ -71,17 +71,18 @@ def recover(config: "Config", store: StateStore, *, hunt_jobs: set[str] | None =
     :param hunt_jobs: look for unrecorded snapshots on these jobs' VMs only (a session without
         a daemon: its own job, as listing every VM of a large config costs seconds); None:
         every job's.
-    :returns: one line per action, for a log.
+    :returns: ``(level, text)`` per action, for a log: ``warning`` for what could not be
+        done, ``info`` otherwise.
     :raises StateError: the state DB cannot be used.
     """
-    actions = [f"session {sid} ended failed: {RUNNER_DIED}" for sid in recover_dead_sessions(config, store)]
-    actions += [orphan.describe() for orphan in hunt(config, store, by_name=hunt_jobs)]
+    actions = [("info", f"session {sid} ended failed: {RUNNER_DIED}") for sid in recover_dead_sessions(config, store)]
+    actions += [(orphan.level, orphan.describe()) for orphan in hunt(config, store, by_name=hunt_jobs)]
     for name, repository in sorted(config.repositories.items()):
         if repository.path.is_dir():
             try:
                 repository.open(create=False)  # discards dead writers' staging
             except BackupdError as exc:
-                actions.append(f"repository {name}: cannot check for unfinished writes: {exc}")
+                actions.append(("warning", f"repository {name}: cannot check for unfinished writes: {exc}"))
     return actions
 
 
@@ -173,6 +174,11 @@ class OrphanedSnapshot:
     action: str
     recorded: bool
 
+    @property
+    def level(self) -> str:
+        """The log level of :meth:`describe`'s line: ``warning`` when the removal failed."""
+        return "warning" if self.action.startswith("failed") else "info"
+
     def describe(self) -> str:
         """One line for a session log or the daemon's log."""
         how = "left by" if self.recorded else "created but never recorded by"
@@ -205,8 +211,7 @@ def remove_orphaned_snapshots(
     found = _find_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run, by_name=by_name)
     if not dry_run:
         for orphan in found:
-            level = "warning" if orphan.action.startswith("failed") else "info"
-            store.log(orphan.session, orphan.describe(), level=level, vm=orphan.vm)
+            store.log(orphan.session, orphan.describe(), level=orphan.level, vm=orphan.vm)
     return found
 
 

@@ -184,7 +184,7 @@ class Backupd:
             for session in self.store.running_sessions(job):
                 chain = self.store.chain_started_by(session.id) if recursive else []  # type: ignore[arg-type]
                 for target in [session, *chain]:
-                    drain = drain_seconds if drain_seconds is not None else self._drain_period(target.job)
+                    drain = drain_seconds if drain_seconds is not None else self.drain_period(target.job)
                     outcome, in_force = self.store.request_stop(
                         target.id, mode, message, drain_seconds=drain, reason=reason, recursive=recursive,  # type: ignore[arg-type]
                     )
@@ -193,7 +193,9 @@ class Backupd:
             outcomes.extend(found or [StopOutcome(job, "no_running_session", None, None)])
         return outcomes
 
-    def _drain_period(self, job: str) -> float | None:
+    def drain_period(self, job: str) -> float | None:
+        """Seconds a graceful stop of the job's sessions waits before it turns immediate
+        (``drain_period_seconds``); None for a job no longer in the config."""
         settings = self.config.jobs.get(job)
         return settings.drain_period_seconds if settings is not None else None
 
