@@ -13,6 +13,8 @@ the original; only :class:`TransientProviderError` is retried by the engine)::
     ProviderError
      ├── TransientProviderError   a retry may succeed (timeouts, busy host, lost connection)
      ├── VmNotFound               no VM of that name
+     ├── AmbiguousVmName          a name that matches several VMs (lists them)
+     ├── VmExists                 a restore would create a VM whose name is taken
      ├── SnapshotError            a snapshot could not be created or removed
      │    └── QuiesceError        the guest could not be quiesced (the engine then takes a
      │                            crash-consistent snapshot and ends the VM ``warning``)
@@ -24,9 +26,11 @@ the original; only :class:`TransientProviderError` is retried by the engine)::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
+from typing import BinaryIO
 
 
 class ProviderError(Exception):
@@ -39,6 +43,24 @@ class TransientProviderError(ProviderError):
 
 class VmNotFound(ProviderError):
     """No VM with the name asked for exists on this provider."""
+
+
+class AmbiguousVmName(ProviderError):
+    """A VM name matches several VMs (vSphere names are unique per folder, not per vCenter).
+
+    :ivar matches: the inventory paths of the matching VMs, sorted.
+    """
+
+    def __init__(self, name: str, matches: list[str]) -> None:
+        self.matches = sorted(matches)
+        super().__init__(
+            f"VM name {name!r} matches {len(self.matches)} VMs: {', '.join(self.matches)};"
+            " name one by its inventory path"
+        )
+
+
+class VmExists(ProviderError):
+    """A VM of the name asked for already exists (full-VM restore refuses to overwrite)."""
 
 
 class SnapshotError(ProviderError):
@@ -94,11 +116,73 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """One virtual disk as a VM's configuration declares it (what a full-VM restore rebuilds).
+
+    :ivar key: device key (vSphere ``VirtualDisk.key``), the same as :attr:`Disk.key`.
+    :ivar label: e.g. ``"Hard disk 1"``.
+    :ivar controller: the controller's kind: ``"scsi"``, ``"sata"``, ``"nvme"`` or ``"ide"``.
+    :ivar controller_model: the controller's model, e.g. ``"pvscsi"``, ``"lsilogic"``,
+        ``"lsilogic-sas"``, ``"buslogic"``, ``"ahci"``, ``"nvme"``, ``"ide"``.
+    :ivar bus_number: the controller's bus number (``SCSI controller 0`` → 0).
+    :ivar unit_number: the disk's unit number on that controller.
+    :ivar capacity_bytes: size in bytes.
+    :ivar thin: thin provisioned (vSphere ``backing.thinProvisioned``).
+    """
+
+    key: int
+    label: str
+    controller: str
+    controller_model: str
+    bus_number: int
+    unit_number: int
+    capacity_bytes: int
+    thin: bool
+
+
+@dataclass(frozen=True)
+class NicConfig:
+    """One network adapter of a VM's configuration (no MAC address: a restored VM gets a new one).
+
+    :ivar label: e.g. ``"Network adapter 1"``.
+    :ivar network: the name of the network (port group) it is connected to.
+    :ivar adapter_type: ``"vmxnet3"``, ``"e1000e"``, ``"e1000"``, ``"vmxnet2"``, ``"pcnet32"``.
+    """
+
+    label: str
+    network: str
+    adapter_type: str
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """A VM's configuration as a snapshot captured it, stored with each restore point.
+
+    :ivar name: the VM's name at the snapshot.
+    :ivar guest_os: the guest OS identifier (vSphere ``guestId``, e.g. ``"ubuntu64Guest"``).
+    :ivar cpus: number of virtual CPUs.
+    :ivar memory_bytes: memory in bytes.
+    :ivar firmware: ``"bios"`` or ``"efi"``.
+    :ivar disks: the disks, in device order.
+    :ivar nics: the network adapters, in device order.
+    """
+
+    name: str
+    guest_os: str
+    cpus: int
+    memory_bytes: int
+    firmware: str
+    disks: tuple[DiskConfig, ...]
+    nics: tuple[NicConfig, ...]
+
+
+@dataclass(frozen=True)
 class VmInfo:
     """A VM as listed by the provider.
 
-    :ivar name: the VM's name (unique per provider).
-    :ivar id: the provider's own identifier (vSphere managed object id, e.g. ``vm-42``).
+    :ivar name: the VM's name, shown to people (it can change: a VM can be renamed).
+    :ivar id: the provider's stable identifier, which restore points and CBT chains follow
+        (vSphere: ``config.instanceUuid``; the simulated provider: the id it gave the VM).
     :ivar power_state: ``poweredOn``, ``poweredOff`` or ``suspended`` (vSphere words).
     :ivar disks: the live disks, in device order.
     """
@@ -114,7 +198,7 @@ class Snapshot:
     """A snapshot of one VM.
 
     :ivar id: the provider's identifier, unique per provider (vSphere snapshot moref).
-    :ivar vm_name: the VM it belongs to.
+    :ivar vm_name: the VM it belongs to (its name when the snapshot was taken).
     :ivar name: the snapshot's name; backupd names its own ``backupd-...``.
     :ivar description: free text; backupd stores the job and session there.
     :ivar created_at: creation time, timezone-aware UTC.
@@ -231,6 +315,40 @@ class Provider(ABC):
 
         :raises SnapshotError: the snapshot does not exist any more.
         :raises DiskReadError: the disk cannot be opened.
+        """
+
+    @abstractmethod
+    def vm_config(self, snapshot: Snapshot) -> VmConfig:
+        """The VM's configuration as the snapshot captured it (vSphere: the snapshot's
+        ``config``), stored with the restore point.
+
+        :raises SnapshotError: the snapshot does not exist any more.
+        :raises TransientProviderError: a retry may succeed.
+        """
+
+    @abstractmethod
+    def create_vm(
+        self,
+        config: VmConfig,
+        *,
+        name: str,
+        datastore: str | None,
+        disks: Mapping[int, BinaryIO],
+    ) -> VmInfo:
+        """Create a new, powered-off VM from ``config`` named ``name``, its disks filled from
+        ``disks`` (full-VM restore; vSphere: disks uploaded over the datastore endpoint, then
+        ``CreateVM_Task`` with them attached).
+
+        All or nothing: when anything fails, or the call is interrupted (an exception,
+        ``KeyboardInterrupt``), whatever was created is removed before the error propagates.
+
+        :param disks: for every disk of ``config`` (by key), a binary stream giving exactly
+            ``capacity_bytes`` bytes, read sequentially once.
+        :param datastore: where the disks go; None: the provider's default (vSphere: the
+            datastore of the first disk in ``config``, else the first datastore found).
+        :returns: the new VM.
+        :raises VmExists: a VM called ``name`` exists; nothing was created.
+        :raises ProviderError: the VM could not be created; nothing was left behind.
         """
 
     def close(self) -> None:
