@@ -1,4 +1,5 @@
-"""Fixtures shared by every test folder: the state DB URLs (see :mod:`state_urls`)."""
+"""Fixtures shared by every test folder: the state DB URLs (see :mod:`state_urls`); the
+vSphere simulator's come from the :mod:`vsphere_fixtures` plugin."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from state_urls import BACKENDS, fresh_postgresql_database
+
+pytest_plugins = ["vsphere_fixtures"]
 
 
 @pytest.fixture

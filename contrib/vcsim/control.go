@@ -63,15 +63,16 @@ func control(call, method, vmName, fault string, times int, newName string, seco
 		if kind, ok := types.TypeFunc()(fault); !ok || !reflect.PtrTo(kind).Implements(reflect.TypeOf((*types.BaseMethodFault)(nil)).Elem()) {
 			return nil, http.StatusBadRequest, fmt.Errorf("fault %q is no vim fault type (e.g. ApplicationQuiesceFault, ToolsUnavailable, TaskInProgress, HostCommunication, FileFault, InvalidState, SnapshotFault)", fault)
 		}
+		rule := &faultRule{Method: method, VM: vmName, Fault: fault, Times: times}
 		if vmName != "*" {
 			vm, err := rig.vmByName(vmName)
 			if err != nil {
 				return nil, http.StatusNotFound, err
 			}
-			vmName = vm.Name
+			rule.Moref = vm.Self.Value
 		}
 		rig.mu.Lock()
-		rig.faults = append(rig.faults, &faultRule{Method: method, VM: vmName, Fault: fault, Times: times})
+		rig.faults = append(rig.faults, rule)
 		rig.mu.Unlock()
 	case "clear-faults":
 		rig.mu.Lock()
@@ -195,7 +196,10 @@ func (r *Rig) state() interface{} {
 
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	faults := append([]*faultRule{}, r.faults...)
+	faults := []faultRule{}
+	for _, rule := range r.faults {
+		faults = append(faults, *rule)
+	}
 	return map[string]interface{}{
 		"vms": vms, "files": files, "faults": faults, "http_503": r.http503,
 		"slow_snapshot_seconds": r.snapshotDelay.Seconds(),

@@ -113,7 +113,7 @@ func (f *front) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if vm := vmOf(method.This); vm != nil && rig.liveSession(cookie) {
-		if name := rig.takeFault(method.Name, vm.Name); name != "" {
+		if name := rig.takeFault(method.Name, vm); name != "" {
 			injectFault(w, method, vm, name)
 			return
 		}

@@ -39,10 +39,12 @@ type Rig struct {
 	snapshotSerial int32                                            // the last snapshot id handed out
 }
 
-// faultRule makes the next Times calls of Method on VM (a VM name, or "*") fail with Fault.
+// faultRule makes the next Times calls of Method on the VM with moref value Moref (or any
+// VM when VM is "*") fail with Fault.
 type faultRule struct {
 	Method string `json:"method"`
-	VM     string `json:"vm"`
+	VM     string `json:"vm"` // as the control call named it
+	Moref  string `json:"moref"`
 	Fault  string `json:"fault"`
 	Times  int    `json:"times"`
 }
@@ -65,13 +67,13 @@ func newRig(client *vim25.Client, datastoreDir string) *Rig {
 	}
 }
 
-// takeFault consumes one call of the first rule matching method on the VM named vmName and
-// returns its fault name, or "" when no rule matches.
-func (r *Rig) takeFault(method, vmName string) string {
+// takeFault consumes one call of the first rule matching method on vm and returns its fault
+// name, or "" when no rule matches.
+func (r *Rig) takeFault(method string, vm *backupdVM) string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for i, rule := range r.faults {
-		if rule.Method == method && (rule.VM == vmName || rule.VM == "*") {
+		if rule.Method == method && (rule.Moref == vm.Self.Value || rule.VM == "*") {
 			rule.Times--
 			if rule.Times <= 0 {
 				r.faults = append(r.faults[:i], r.faults[i+1:]...)

@@ -183,11 +183,12 @@ func snapshotDevices(devices []types.BaseVirtualDevice, disks map[int32]*diskSta
 		}
 		copied := *disk
 		if backing, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
-			b := *backing
+			// the VM's current disk shows the latest changeId too, as on vCenter
+			backing.ChangeId = ""
 			if state := disks[disk.Key]; state != nil {
-				b.ChangeId = state.changeID
-				backing.ChangeId = state.changeID // the VM's current disk shows it too, as on vCenter
+				backing.ChangeId = state.changeID
 			}
+			b := *backing
 			copied.Backing = &b
 		}
 		out = append(out, &copied)
@@ -268,6 +269,9 @@ func newCancellableTask(task *simulator.Task) *cancellableTask {
 	t := &cancellableTask{Task: *task, cancel: make(chan struct{})}
 	simulator.Map.Put(t)
 	simulator.Map.Update(&t.Task, []types.PropertyChange{
+		// the method's WSDL name: the simulator's "CreateSnapshot" is none, and pyVmomi's
+		// WaitForTask resolves it while the task runs
+		{Name: "info.name", Val: "CreateSnapshot_Task"},
 		{Name: "info.state", Val: types.TaskInfoStateRunning},
 		{Name: "info.cancelable", Val: true},
 	})

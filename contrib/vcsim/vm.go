@@ -12,6 +12,7 @@ import (
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25"
 	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 )
@@ -40,7 +41,31 @@ func installWorkarounds() {
 	pc := &propertyCollector{}
 	pc.Self = si.Content.PropertyCollector
 	simulator.Map.Put(pc)
+	simulator.Map.AddHandler(taskEntities{})
 }
+
+// taskEntities clears the entity of tasks on objects that are no ManagedEntity, as vCenter
+// leaves it unset: the simulator names e.g. the FileManager as DeleteDatastoreFile_Task's
+// entity, and pyVmomi fails decoding such a TaskInfo (TypeError), as with bug 2.
+type taskEntities struct{}
+
+func (taskEntities) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "BackupdTaskEntities", Value: "backupd-task-entities"}
+}
+
+func (taskEntities) PutObject(obj mo.Reference) {
+	task, ok := obj.(*simulator.Task)
+	if !ok || task.Info.Entity == nil {
+		return
+	}
+	if _, entity := simulator.Map.Get(*task.Info.Entity).(mo.Entity); !entity {
+		task.Info.Entity, task.Info.EntityName = nil, ""
+	}
+}
+
+func (taskEntities) UpdateObject(mo.Reference, []types.PropertyChange) {}
+
+func (taskEntities) RemoveObject(types.ManagedObjectReference) {}
 
 // fetchResponse is the FetchResponse element (the simulator's own type is internal).
 type fetchResponse struct {
