@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-compare clean
+.PHONY: demo test bench bench-compare clean vcsim vsphere-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "backupd needs Python >= 3.11")'
@@ -17,18 +17,30 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m backupd.demo --lab demo-lab
 
-## make test: the whole test suite
-test: $(STAMP)
+# The vSphere simulator tests need Go and the govmomi source (two Debian packages). Installed
+# when missing and possible (root with apt-get); otherwise said, and those tests skip.
+VSPHERE_DEBS := golang-go golang-github-vmware-govmomi-dev
+GOVMOMI_SRC := /usr/share/gocode/src/github.com/vmware/govmomi/simulator
+vsphere-deps:
+	@if command -v go >/dev/null 2>&1 && test -d $(GOVMOMI_SRC); then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make: installing $(VSPHERE_DEBS) for the vSphere simulator tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VSPHERE_DEBS) >/dev/null \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VSPHERE_DEBS) >/dev/null; } \
+		|| echo "make: could not install $(VSPHERE_DEBS); the vSphere simulator tests will skip" >&2; \
+	else \
+		echo "make: the vSphere simulator tests will skip: install $(VSPHERE_DEBS) (apt-get install -y $(VSPHERE_DEBS))" >&2; \
+	fi
+
+## make test: the whole test suite (installs the vSphere simulator's Debian packages when it can)
+test: $(STAMP) vsphere-deps
 	$(PY) -m pytest -q
 
-## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL
-bench: $(STAMP)
-	$(PY) bench/run.py --lab bench-lab
-	$(PY) bench/daemon.py --lab bench-lab/daemon
-
-## make bench-compare BASELINE=REV: the bench's backupd figures of commit REV and of the working tree, in one sitting
-bench-compare: $(STAMP)
-	$(PY) bench/compare.py --baseline $(BASELINE) --lab bench-lab
+## make vcsim: build and run the vSphere simulator in the foreground with contrib/vcsim/example-spec.json (Ctrl-C stops; VCSIM_ARGS=-tls for https)
+vcsim: $(STAMP) vsphere-deps
+	@rm -rf .build/vcsim-datastore && mkdir -p .build/vcsim-datastore
+	@launcher="$$($(PY) -c 'import sys; sys.path.insert(0, "tests"); import vsphere_sim; print(vsphere_sim.build_launcher())')" \
+		&& exec "$$launcher" -spec contrib/vcsim/example-spec.json -dir .build/vcsim-datastore $(VCSIM_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-lab bench-lab .pytest_cache
+	rm -rf $(VENV) demo-lab bench-lab .pytest_cache .build
