@@ -368,3 +368,16 @@ def test_https_with_the_thumbprint(vcsim_factory, image: Path):
     Disconnect(si)
     status, data = read_folder(sim, "web-01/web-01-flat.vmdk", {"Range": "bytes=65536-65635"})
     assert status == 206 and data == b"a" * 100
+
+
+def test_missing_packages_skip_locally_and_fail_in_ci(monkeypatch):
+    import vsphere_fixtures
+
+    reason = "vSphere simulator unavailable: missing go (Debian package golang-go)"
+    monkeypatch.setattr(vsphere_fixtures, "unavailable_reason", lambda: reason)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="golang-go"):
+        vsphere_fixtures.require_vcsim()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run"):
+        vsphere_fixtures.require_vcsim()
