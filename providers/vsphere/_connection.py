@@ -60,12 +60,12 @@ class PinnedContext(ssl.SSLContext):
     def __new__(cls, pin: str) -> "PinnedContext":
         context = super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
         context.pin = pin
+        context.check_hostname = False  # the pin is the trust, not the chain or the name
+        context.verify_mode = ssl.CERT_NONE
         return context
 
-    def __init__(self, pin: str) -> None:  # noqa: D107 - SSLContext.__init__ takes the protocol
-        super().__init__(ssl.PROTOCOL_TLS_CLIENT)
-        self.check_hostname = False
-        self.verify_mode = ssl.CERT_NONE
+    def __init__(self, pin: str) -> None:  # SSLContext does its set-up in __new__
+        pass
 
     def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
         wrapped = super().wrap_socket(sock, *args, **kwargs)

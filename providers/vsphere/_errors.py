@@ -85,7 +85,21 @@ FAULTS: Mapping[str, Kind] = {
     "vmodl.fault.SessionNotFound": Kind.AUTH,
     "vmodl.fault.AuthenticationRequired": Kind.AUTH,
     "vmodl.fault.UnexpectedFault": Kind.FAILED,
+    "vmodl.query.InvalidProperty": Kind.FAILED,  # a property path this vCenter version lacks
     "vim.fault.NotAuthenticated": Kind.AUTH,  # session expired: relogin
+    "vim.fault.VAppOperationInProgress": Kind.TRANSIENT,
+    "vim.fault.DisallowedChangeByService": Kind.FAILED,  # another solution (SRM, vSAN) owns the VM
+    "vim.fault.OperationDisallowedOnHost": Kind.FAILED,
+    "vim.fault.DisallowedOperationOnFailoverHost": Kind.FAILED,
+    "vim.fault.MethodAlreadyDisabledFault": Kind.FAILED,
+    "vim.fault.FailToLockFaultToleranceVMs": Kind.TRANSIENT,
+    "vim.fault.ConflictingDatastoreFound": Kind.FAILED,
+    # runtime faults of administration methods backupd does not call: failures if ever met
+    "vim.fault.CannotDisableDrsOnClustersWithVApps": Kind.FAILED,
+    "vim.fault.InvalidProfileReferenceHost": Kind.FAILED,
+    "vim.fault.InvalidScheduledTask": Kind.FAILED,
+    "vim.fault.LicenseAssignmentFailed": Kind.FAILED,
+    "vim.fault.ThirdPartyLicenseAssignmentFailed": Kind.FAILED,
     "vim.fault.NoPermission": Kind.PERMISSION,
     "vim.fault.InvalidLogin": Kind.FAILED,  # wrong user or password: retrying locks the account
     "vim.fault.InvalidLocale": Kind.FAILED,
