@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-compare clean
+.PHONY: demo test bench bench-compare cassettes clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "backupd needs Python >= 3.11")'
@@ -29,6 +29,10 @@ bench: $(STAMP)
 ## make bench-compare BASELINE=REV: the bench's backupd figures of commit REV and of the working tree, in one sitting
 bench-compare: $(STAMP)
 	$(PY) bench/compare.py --baseline $(BASELINE) --lab bench-lab
+
+## make cassettes: re-record the vSphere cassettes in fixtures/cassettes/ against the simulator launcher (or BACKUPD_VC_URL)
+cassettes: $(STAMP)
+	$(PY) tests/vsphere/record_cassettes.py
 
 clean:
 	rm -rf $(VENV) demo-lab bench-lab .pytest_cache
