@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-compare clean vcsim vsphere-deps
+.PHONY: demo test bench bench-compare cassettes clean vcsim vsphere-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "backupd needs Python >= 3.11")'
@@ -41,6 +41,19 @@ vcsim: $(STAMP) vsphere-deps
 	@rm -rf .build/vcsim-datastore && mkdir -p .build/vcsim-datastore
 	@launcher="$$($(PY) -c 'import sys; sys.path.insert(0, "tests"); import vsphere_sim; print(vsphere_sim.build_launcher())')" \
 		&& exec "$$launcher" -spec contrib/vcsim/example-spec.json -dir .build/vcsim-datastore $(VCSIM_ARGS)
+
+## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL
+bench: $(STAMP)
+	$(PY) bench/run.py --lab bench-lab
+	$(PY) bench/daemon.py --lab bench-lab/daemon
+
+## make bench-compare BASELINE=REV: the bench's backupd figures of commit REV and of the working tree, in one sitting
+bench-compare: $(STAMP)
+	$(PY) bench/compare.py --baseline $(BASELINE) --lab bench-lab
+
+## make cassettes: re-record the vSphere cassettes in fixtures/cassettes/ against the simulator launcher (or BACKUPD_VC_URL)
+cassettes: $(STAMP)
+	$(PY) tests/vsphere/record_cassettes.py
 
 clean:
 	rm -rf $(VENV) demo-lab bench-lab .pytest_cache .build

@@ -34,6 +34,7 @@ from backupd.errors import ConfigError
 from backupd.schedule import AutoRetryConfig, DaemonConfig, ScheduleConfig, WindowConfig, check_notify_urls
 from providers.config_types import FolderPath, Name, absolute, refuse_files_on_the_way
 from providers.simulated.config import SimulatedProviderConfig
+from providers.vsphere.config import VsphereProviderConfig
 
 if TYPE_CHECKING:
     from backupd.repository import Repository
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 #: provider ``type`` → config model; a new provider adds its model here
-PROVIDER_TYPES: dict[str, type[BaseModel]] = {"simulated": SimulatedProviderConfig}
+PROVIDER_TYPES: dict[str, type[BaseModel]] = {"simulated": SimulatedProviderConfig, "vsphere": VsphereProviderConfig}
 
 #: longest stop message accepted (characters), as in the stop contract
 MAX_STOP_MESSAGE = 320
@@ -170,6 +171,9 @@ class JobConfig(BaseModel):
     max_parallel_vms: int = Field(default=1, ge=1, le=64, strict=True)
     #: quiesce the guest before the snapshot; a failure falls back to crash-consistent
     quiesce: bool = False
+    #: switch changed block tracking on for VMs without it (vSphere: takes effect at the next
+    #: snapshot, so the session that switches it on reads the disks whole)
+    enable_cbt: bool = True
     #: restore points kept per VM of this job, 1 to 10,000
     retention: int = Field(default=7, ge=1, le=MAX_RETENTION, strict=True)
     retry: RetryConfig = RetryConfig()

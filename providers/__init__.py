@@ -25,4 +25,8 @@ def open_provider(name: str, config: object) -> "Provider":
         from providers.simulated import SimulatedProvider
 
         return SimulatedProvider(name, config)  # type: ignore[arg-type]
+    if kind == "vsphere":
+        from providers.vsphere import VsphereProvider
+
+        return VsphereProvider(name, config)  # type: ignore[arg-type]
     raise ValueError(f"provider {name!r}: unknown type {kind!r}")
