@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from providers.base import Extent
 from providers.simulated import _cow
@@ -104,6 +105,27 @@ def import_image(source: Path, path: Path) -> int:
         return info.st_size
     finally:
         os.close(src)
+
+
+def fill_from_stream(path: Path, stream: BinaryIO, capacity: int) -> None:
+    """Create the disk ``path`` from exactly ``capacity`` bytes read sequentially from
+    ``stream``, sparsely (all-zero runs of 64 KiB are skipped).
+
+    :raises ValueError: the stream ended before ``capacity`` bytes.
+    :raises OSError: ``path`` cannot be written.
+    """
+    fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        position = 0
+        while position < capacity:
+            chunk = stream.read(min(_COPY_CHUNK, capacity - position))
+            if not chunk:
+                raise ValueError(f"the data ended after {position} of {capacity} bytes")
+            _write_non_zero(fd, chunk, position)
+            position += len(chunk)
+        os.ftruncate(fd, capacity)
+    finally:
+        os.close(fd)
 
 
 def _write_non_zero(fd: int, chunk: bytes, offset: int) -> None:
