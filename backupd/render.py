@@ -60,6 +60,7 @@ def task_document(task: VmTask) -> dict[str, Any]:
     """One VM task inside ``session show --json``."""
     return {
         "name": task.vm,
+        "vm_id": task.vm_id,
         "status": task.status.value,
         "mode": task.mode,
         "stage": task.stage,
