@@ -39,6 +39,8 @@ def create_vm(
     :raises VmExists: a VM ``name`` exists or the config declares one; nothing was created.
     :raises ProviderError: a disk has no stream, two disks share a key, a stream ended early,
         or the state folder could not be written; nothing was created.
+    :raises BaseException: whatever a stream raises (a damaged block, ``KeyboardInterrupt``),
+        unchanged; nothing was created.
     """
     _sweep_dead_creations(layout)
     if name in catalog.names():
@@ -70,10 +72,7 @@ def _build(folder: Path, config: VmConfig, name: str, disks: Mapping[int, Binary
     records = []
     for disk in config.disks:
         files = paths.disk(disk.key)
-        try:
-            fill_from_stream(files.image, disks[disk.key], disk.capacity_bytes)
-        except ValueError as exc:
-            raise ProviderError(f"VM {name!r} {disk.label} (disk {disk.key}): {exc}") from exc
+        fill_from_stream(files.image, disks[disk.key], disk.capacity_bytes, f"VM {name!r} {disk.label} (disk {disk.key})")
         ChangeLog(files.cbt).reset()
         records.append({"key": disk.key, "label": disk.label, "capacity_bytes": disk.capacity_bytes,
                         "source": "restored"})

@@ -507,19 +507,13 @@ class SimulatedProvider(Provider):
         return VmInfo(name=vm.name, id=vm.id, power_state=vm.power_state, disks=tuple(disks))
 
     def _owner(self, snapshot: Snapshot) -> Vm:
-        """The VM a snapshot belongs to: the one of the name it records, or, when the VM was
-        renamed since, the one whose folder holds it.
+        """The VM a snapshot belongs to: the one whose folder holds it (whatever the VM is
+        called now: it may have been renamed since), else the one of the name it records.
 
         :raises VmNotFound: neither exists.
         """
-        try:
-            named: Vm | None = self._vms.get(snapshot.vm_name)
-        except VmNotFound:
-            named = None
-        if not is_snapshot_id(snapshot.id) or (named is not None and named.paths.snapshot(snapshot.id).root.exists()):
-            return named or self._vms.get(snapshot.vm_name)
-        holder = self._vms.holding(snapshot.id)
-        return holder or named or self._vms.get(snapshot.vm_name)
+        holder = self._vms.holding(snapshot.id) if is_snapshot_id(snapshot.id) else None
+        return holder or self._vms.get(snapshot.vm_name)
 
     def _snapshot(self, snapshot: Snapshot) -> tuple[Vm, SnapshotPaths, dict[str, Any]]:
         target = self._owner(snapshot)
