@@ -434,7 +434,7 @@ def vm_list(ctx: _Context, provider_name: str | None, as_json: bool) -> None:
         try:
             for info in provider.list_vms():
                 rows.append({
-                    "name": info.name, "provider": name, "power_state": info.power_state,
+                    "name": info.name, "id": info.id, "provider": name, "power_state": info.power_state,
                     "disks": [{"key": d.key, "label": d.label, "capacity_bytes": d.capacity_bytes,
                                "change_id": d.change_id} for d in info.disks],
                     "snapshots": [{"id": s.id, "name": s.name, "created_at": s.created_at.isoformat()}
