@@ -11,7 +11,7 @@ import pytest
 
 from providers.base import DiskConfig, ProviderError, VmConfig, VmExists, VmNotFound
 from providers.simulated import SimulatedProvider
-from test_simulated import MiB, MakeProvider, config_for, make_provider, state_dir  # noqa: F401 (fixtures)
+from test_simulated import MiB, MakeProvider, make_provider, state_dir  # noqa: F401 (fixtures)
 
 WEB = {"name": "web", "disks": ["4 MiB", "2 MiB"], "guest_os": "ubuntu64Guest", "cpus": 4, "memory": "8 GiB",
        "firmware": "efi", "disk_controller": "lsilogic-sas", "thin_disks": False,
