@@ -113,7 +113,7 @@ def _recover(config: "Config", store: StateStore, session: JobSession) -> None:
         if task.status.is_final:
             continue
         fields: dict[str, object] = {"stage": None, "ended_at": as_utc(session.heartbeat_at) or session.created_at}
-        point = committed.get(task.vm)
+        point = committed.get(task.vm_id) or committed.get(task.vm)
         if point is not None:
             fields["restore_point"] = point
             if task.snapshot_removed or task.snapshot_id is None:
@@ -137,8 +137,9 @@ def _recover(config: "Config", store: StateStore, session: JobSession) -> None:
 
 
 def _committed_points(config: "Config", session: JobSession) -> dict[str, str]:
-    """VM name → restore point the session committed, read from the job's repository (the
-    source of truth for restore points). Empty when the job or repository is gone."""
+    """VM id and VM name → restore point the session committed, read from the job's
+    repository (the source of truth for restore points; a task that found its VM recorded its
+    id, which decides). Empty when the job or repository is gone."""
     job = config.jobs.get(session.job)
     if job is None:
         return {}
@@ -150,7 +151,13 @@ def _committed_points(config: "Config", session: JobSession) -> dict[str, str]:
     except BackupdError as exc:
         log.warning("session %s: cannot read its repository to recover it: %s", session.id, exc)
         return {}
-    return {point.vm: point.id for point in points if point.session == str(session.id)}
+    committed = {}
+    for point in points:
+        if point.session == str(session.id):
+            committed[point.vm] = point.id
+            if point.vm_id is not None:
+                committed[point.vm_id] = point.id
+    return committed
 
 
 # -- snapshots nobody owns ---------------------------------------------------------------------

@@ -305,7 +305,8 @@ def test_graceful_stop_before_the_first_vm_starts_fails_the_session_as_canceled_
     taken, and the other session's lock untouched."""
     site.configure(max_parallel_vms=1)
     holder = site.store.create_session("other", ["vm-a"], full=False)
-    assert site.store.try_lock_vm("lab/vm-a", holder.id) is None  # type: ignore[arg-type]
+    lock_key = f"lab/{site.provider.find_vm('vm-a').id}"  # VM locks are keyed by provider and VM id
+    assert site.store.try_lock_vm(lock_key, holder.id) is None  # type: ignore[arg-type]
     session = site.start()
     site.wait_log(session.id, f"waiting for session {holder.id}, which is processing this VM")
     vm_a = site.tasks(session.id)["vm-a"]
@@ -318,7 +319,7 @@ def test_graceful_stop_before_the_first_vm_starts_fails_the_session_as_canceled_
     assert set(site.statuses(session.id).values()) == {TaskStatus.NOT_PROCESSED}
     assert all(task.snapshot_id is None for task in site.tasks(session.id).values())
     assert site.backupd_snapshots() == {}
-    assert site.store.try_lock_vm("lab/vm-a", session.id) == holder.id
+    assert site.store.try_lock_vm(lock_key, session.id) == holder.id
 
 
 def test_graceful_stop_once_the_first_snapshot_creation_has_begun_lets_that_vm_finish(site: Site) -> None:
