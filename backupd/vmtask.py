@@ -221,6 +221,8 @@ class VmTask:
         # not at the next poll, so "stop before the first VM" is exact.
         if self.stop.refresh() is not None:
             raise _NotStarted
+        if self.job.enable_cbt:
+            self._enable_cbt(vm)
         self._update(stage="snapshot")
         snapshot = self._create_snapshot(vm)
         try:
@@ -248,6 +250,18 @@ class VmTask:
             return
         if removed:
             self._log(f"retention removed {len(removed)} restore point(s): {', '.join(removed)}")
+
+    def _enable_cbt(self, vm: VmInfo) -> None:
+        """The job's ``enable_cbt``: switch CBT on where it is off. A failure is a warning, not
+        the VM's end: the backup goes on with full reads."""
+        try:
+            switched_on = self._retry(lambda: self.provider.enable_cbt(vm))
+        except ProviderError as exc:
+            self.warnings.append(f"CBT could not be switched on, disks are read in full: {exc}")
+            self._log(self.warnings[-1], level="warning")
+            return
+        if switched_on:
+            self._log("CBT switched on; it takes effect at this snapshot, so this transfer is full")
 
     def _create_snapshot(self, vm: VmInfo) -> Snapshot:
         def create(quiesce: bool) -> Callable[[], Snapshot]:

@@ -5,6 +5,7 @@ chain; a restore point's captured configuration rebuilds the VM on a provider, a
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,27 @@ def test_a_renamed_vm_goes_on_with_its_chain_and_restores_under_either_name(lab:
     for name in ("web", "www", first["vm_id"]):
         point, image = lab.restore(name)
         assert point == second["restore_point"] and image == bytes(lab.disks["www"])
+
+
+def test_an_orphaned_snapshot_of_a_vm_renamed_since_is_found_by_its_id(lab: Lab) -> None:
+    """Given a runner killed while its VM's snapshot exists, when the VM is renamed before
+    anyone recovers, then the snapshot hunter finds the VM by the id the VM task recorded (not by
+    the name it had) and removes the snapshot."""
+    lab.configure(vms={"web": "16 MiB"}, jobs={"nightly": {"vms": ["web"]}}, read_mib_per_s=1)
+    lab.fill("web", seed=1, size=8 * MiB)
+    runner = lab.popen("job", "start", "nightly", "--wait", "--json")
+    session = lab.wait_for_new_session("nightly")
+    lab.wait_for_vms_in_flight(session, ["web"])
+    runner.proc.send_signal(signal.SIGKILL)
+    runner.proc.wait()
+    assert lab.backupd_snapshots() == {"web": [f"backupd-nightly-{session}"]}
+
+    lab.sim("rename", "web", "www")
+    lab.configure(vms={"www": "16 MiB"}, jobs={"nightly": {"vms": ["www"]}}, read_mib_per_s=0)
+    found = lab.run_json("snapshot", "hunt")
+
+    assert [(row["vm"], row["action"]) for row in found] == [("web", "removed")], found
+    assert lab.backupd_snapshots() == {}
 
 
 @pytest.fixture
