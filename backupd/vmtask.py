@@ -62,6 +62,11 @@ PROGRESS_SECONDS = 0.5
 LOCK_POLL_SECONDS = 0.5
 
 
+def vm_lock_key(provider: str, vm: str) -> str:
+    """The key of a VM's lock in the state DB (``PROVIDER/VM``)."""
+    return f"{provider}/{vm}"
+
+
 class _NotStarted(Exception):
     """A stop came before this VM's snapshot creation began: the VM ends ``not_processed``."""
 
@@ -152,7 +157,7 @@ class VmTask:
 
     def _run(self) -> None:
         self._update(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow())
-        lock_key = f"{self.job.provider}/{self.vm_name}"
+        lock_key = vm_lock_key(self.job.provider, self.vm_name)
         try:
             self._wait_for_vm_lock(lock_key)
             try:
