@@ -156,9 +156,9 @@ def test_immediate_stop_cancels_every_vm_task_on_every_proxy(lab: Lab, proxies) 
 
 
 def test_graceful_stop_dispatches_nothing_more_and_lets_vm_tasks_in_flight_finish(lab: Lab, proxies) -> None:  # noqa: ANN001
-    vms = {f"vm-{i}": "8 MiB" for i in range(6)}
+    vms = {f"vm-{i}": "16 MiB" for i in range(6)}
     _configure(lab, vms, max_parallel_vms=2)
-    lab.configure(read_mib_per_s=2)
+    lab.configure(read_mib_per_s=1)  # 16 s in flight: room for the CLI's polls on a loaded machine
     for seed, vm in enumerate(vms):
         lab.fill(vm, seed=seed)
     proxies(1, "host-a")
