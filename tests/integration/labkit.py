@@ -160,6 +160,8 @@ class Lab:
             parts.append(_toml_table(f"jobs.{name}", values))
         if s.get("daemon"):
             parts.append(_toml_table("daemon", s["daemon"]))
+        if s.get("proxies"):
+            parts.append(_toml_table("proxies", s["proxies"]))
         self.config.write_text("\n".join(parts))
 
     def write_raw_config(self, text: str) -> None:
