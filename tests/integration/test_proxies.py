@@ -9,6 +9,7 @@ import secrets
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Iterator
 
@@ -134,12 +135,14 @@ def test_immediate_stop_cancels_every_vm_task_on_every_proxy(lab: Lab, proxies) 
         lab.fill(vm, seed=seed)
     proxies(4, "host-a")
     proxies(4, "host-b")
+    _hold_reads(lab, vms)  # in flight for as long as the test needs, however slow its polls
     run = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
     lab.wait_for_vms_in_flight(session, list(vms), timeout=60)
 
     asked = time.monotonic()
     lab.run_json("job", "stop", "nightly", "--immediate")
+    _release_reads(lab, vms)
     doc = lab.wait_stopped(session)
     took = time.monotonic() - asked
 
@@ -185,6 +188,7 @@ def test_a_proxy_killed_mid_task_fails_its_vms_and_the_session_goes_on(lab: Lab,
         lab.fill(vm, seed=seed)
     doomed = proxies(2, "host-doomed")
     survivor = proxies(2, "host-survivor")
+    _hold_reads(lab, vms)
     run = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
     lab.wait_for_vms_in_flight(session, list(vms), timeout=60)
@@ -193,6 +197,7 @@ def test_a_proxy_killed_mid_task_fails_its_vms_and_the_session_goes_on(lab: Lab,
 
     killed = time.monotonic()
     doomed.kill()
+    _release_reads(lab, vms)
     doc = lab.wait_for_session(
         session, lambda d: all(vms_by_name(d)[vm]["status"] == "failed" for vm in on_doomed), timeout=60,
         what="the killed proxy's VM tasks to fail")
@@ -231,3 +236,15 @@ def test_proxies_need_a_postgresql_state_db(tmp_path) -> None:  # noqa: ANN001
     proc = lab.run("job", "list")
     assert proc.returncode == 78, describe(proc, "a config error")
     assert "backup proxies need a PostgreSQL state DB" in proc.stderr
+
+
+def _hold_reads(lab: Lab, vms: Iterable[str]) -> None:
+    """Hold every VM's disk reads (the simulated hypervisor's pause, seen by every process): a
+    VM task that starts is in flight, its snapshot taken, until :func:`_release_reads`."""
+    for vm in vms:
+        lab.sim("fault", vm, "--op", "read", "--pause")
+
+
+def _release_reads(lab: Lab, vms: Iterable[str]) -> None:
+    for vm in vms:
+        lab.sim("fault", vm, "--resume")
