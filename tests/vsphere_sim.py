@@ -205,6 +205,24 @@ class Vcsim:
         base = f"{self.protocol}://{self.host}:{self.port}"
         return f"{base}/folder/{path}?dcPath={self.datacenter}&dsName={self.datastore}"
 
+    def provider_values(self, password_env: str, *, trust: str = "thumbprint") -> dict[str, Any]:
+        """A ``[providers.NAME]`` section (``type = "vsphere"``) pointing at this launcher, the
+        password read from ``password_env`` (the caller sets it to :attr:`password`).
+
+        :param trust: with TLS, ``"thumbprint"`` (pin the certificate) or ``"ca_file"`` (its
+            PEM as the CA); ignored over http.
+        :raises ValueError: another ``trust``.
+        """
+        values: dict[str, Any] = {
+            "type": "vsphere", "host": self.host, "port": self.port, "user": self.user,
+            "password_env": password_env, "protocol": self.protocol, "datacenter": self.datacenter,
+        }
+        if self.tls:
+            if trust not in ("thumbprint", "ca_file"):
+                raise ValueError(f"trust must be 'thumbprint' or 'ca_file', not {trust!r}")
+            values[trust] = self.thumbprint if trust == "thumbprint" else self.cert_path
+        return values
+
     # -- control API ----------------------------------------------------------------
     def _control(self, call: str, body: dict[str, Any] | None = None) -> Any:
         request = urllib.request.Request(
