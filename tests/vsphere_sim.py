@@ -274,6 +274,20 @@ class Vcsim:
         "files": [{path, size}], "faults": [...], "http_503": n, "slow_snapshot_seconds": s}"""
         return self._control("state")
 
+    def flat_file(self, vm: str, disk: int = 0) -> Path:
+        """The data extent (``-flat.vmdk``) of disk number ``disk`` (0-based, device order) of
+        VM ``vm``: a guest write is a write into it (for a spec ``image`` it is a symbolic link
+        to the image)."""
+        datastore_path = self.vm_state(vm)["disks"][disk]["file"]  # "[LocalDS_0] web/web.vmdk"
+        relative = datastore_path.split("] ", 1)[1]
+        return self.datastore_dir / (relative[: -len(".vmdk")] + "-flat.vmdk")
+
+    def guest_write(self, vm: str, disk: int, offset: int, data: bytes) -> None:
+        """Write ``data`` at byte ``offset`` of disk ``disk`` of VM ``vm``, as its guest would."""
+        with open(self.flat_file(vm, disk), "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
     def vm_state(self, name: str) -> dict[str, Any]:
         """The ``state()`` entry of the one VM named ``name`` (or with that inventory path)."""
         matches = [vm for vm in self.state()["vms"] if name in (vm["name"], vm["path"])]
