@@ -271,7 +271,8 @@ class Vcsim:
     def state(self) -> dict[str, Any]:
         """{"vms": [{name, moref, instance_uuid, path, power_state, cbt_enabled,
         snapshots: [{name, moref}], disks: [{key, file, capacity_bytes, change_id}]}],
-        "files": [{path, size}], "faults": [...], "http_503": n, "slow_snapshot_seconds": s}"""
+        "files": [{path, size}], "faults": [...], "http_503": n, "slow_snapshot_seconds": s,
+        "creating_snapshots": {vm name: slow snapshot tasks still running}}"""
         return self._control("state")
 
     def flat_file(self, vm: str, disk: int = 0) -> Path:

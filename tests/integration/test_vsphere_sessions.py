@@ -172,38 +172,41 @@ def test_full_vm_restore_to_the_simulator_reads_back_the_disk(vlab: VsphereLab) 
     assert taken.returncode == 73, describe(taken, "a taken name is refused with exit 73")
 
 
-def _wait_running(lab: Lab, session: Any, vm: str) -> None:
-    lab.wait_for_session(session, lambda d: vms_by_name(d)[vm]["status"] == "running", timeout=60, what=f"{vm} running")
+def _wait_creating(vlab: VsphereLab, vm: str) -> None:
+    """Until the launcher runs a (slow) snapshot creation of ``vm``: the session has that VM
+    in flight and has not started the next one (``max_parallel_vms`` is 1)."""
+    wait_until(lambda: vlab.sim.state()["creating_snapshots"].get(vm), timeout=60, interval=0.05,
+               what=f"a snapshot creation of {vm} in the simulator")
 
 
 def test_an_immediate_stop_cancels_and_leaves_no_snapshot(vlab: VsphereLab) -> None:
     lab = vlab.lab
-    vlab.sim.slow_snapshots(3)
+    vlab.sim.slow_snapshots(5)
     session = lab.start("nightly")
-    _wait_running(lab, session, "db-01")
+    _wait_creating(vlab, "db-01")
 
     lab.run_json("job", "stop", "nightly", "--immediate")
 
     doc = lab.wait_stopped(session, timeout=90)
     vms = vms_by_name(doc)
     assert doc["result"] == "failed"
-    assert vms["db-01"]["status"] == "cancelled" and vms["db-01"]["restore_point"] is None
-    assert vms["web-01"]["status"] in ("not_processed", "cancelled")
-    wait_until(lambda: vlab.backupd_snapshots() == {}, timeout=30, what="no backupd snapshot left")
+    assert (vms["db-01"]["status"], vms["web-01"]["status"]) == ("cancelled", "not_processed"), json.dumps(doc, indent=1)
+    assert vms["db-01"]["restore_point"] is None
+    assert vlab.backupd_snapshots() == {}, "the snapshot made after the stop is removed"
     assert lab.points() == []
 
 
 def test_a_graceful_stop_finishes_the_vm_in_flight_and_leaves_no_snapshot(vlab: VsphereLab) -> None:
     lab = vlab.lab
-    vlab.sim.slow_snapshots(2)
+    vlab.sim.slow_snapshots(3)
     session = lab.start("nightly")
-    _wait_running(lab, session, "db-01")
+    _wait_creating(vlab, "db-01")
 
     lab.run_json("job", "stop", "nightly")
 
     doc = lab.wait_stopped(session, timeout=90)
     vms = vms_by_name(doc)
-    assert (vms["db-01"]["status"], vms["web-01"]["status"]) == ("success", "not_processed"), doc
+    assert (vms["db-01"]["status"], vms["web-01"]["status"]) == ("success", "not_processed"), json.dumps(doc, indent=1)
     assert vms["db-01"]["snapshot"]["removed"] is True
     assert vlab.backupd_snapshots() == {}
     assert [p["vm"] for p in lab.points()] == ["db-01"]
@@ -237,15 +240,16 @@ def test_a_transient_503_on_a_disk_read_is_retried_and_the_session_succeeds(vlab
 
 def test_an_expired_session_logs_in_again_and_the_session_succeeds(vlab: VsphereLab) -> None:
     lab = vlab.lab
-    vlab.sim.slow_snapshots(1)
+    vlab.sim.slow_snapshots(2)
     session = lab.start("nightly")
-    _wait_running(lab, session, "db-01")
-    assert vlab.sim.expire_sessions() >= 1
+    _wait_creating(vlab, "db-01")
+    assert vlab.sim.expire_sessions() >= 1  # while backupd waits for the snapshot task
 
     doc = lab.wait_stopped(session, timeout=90)
 
-    assert doc["result"] == "success", doc
+    assert doc["result"] == "success", json.dumps(doc, indent=1)
     assert all(vm["status"] == "success" for vm in doc["vms"])
+    wait_until(lambda: vlab.backupd_snapshots() == {}, timeout=30, what="no backupd snapshot left")
 
 
 def test_a_permanent_snapshot_fault_fails_only_its_vm(vlab: VsphereLab) -> None:

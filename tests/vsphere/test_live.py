@@ -148,9 +148,15 @@ def test_a_renamed_vm_keeps_its_id_and_its_snapshots(provider: VsphereProvider, 
 
 
 def test_an_expired_session_logs_in_again(provider: VsphereProvider, vm: VmInfo, vcsim: Vcsim) -> None:
-    provider.list_vms()
+    provider.list_snapshots(vm)
     assert vcsim.expire_sessions() >= 1
 
+    # the VM's reference was cached with the old session: calls through it log in again too
+    snapshot = provider.create_snapshot(vm, name="backupd-live-relogin", description="relogin", quiesce=False)
+    assert provider.list_snapshots(vm) == [snapshot]
+    vcsim.expire_sessions()
+    assert provider.changed_areas(snapshot, provider.disks(snapshot)[0], "*")
+    provider.remove_snapshot(snapshot)
     assert provider.find_vm(vm.name).id == vm.id
 
 
