@@ -3,7 +3,9 @@
 Thin: each command parses its options, calls :class:`backupd.service.Backupd` and prints text or
 one JSON document (``--json``, on stdout and nothing else there). Errors are printed on stderr
 and mapped to exit codes in one place (:func:`main`): 0 success, 1 warning, 2 failed, 3 no
-running session to stop, 4 not found, 64 usage error, 78 config error.
+running session to stop, 4 not found, 64 usage error, 73 a VM of that name exists (full-VM
+restore; ``EX_CANTCREAT``), 78 config error. The restore commands live in
+:mod:`backupd.cli_restore`.
 
 Heavy modules (SQLAlchemy, the engine, the repository, rich) are imported inside the commands
 that need them, so ``backupd --help`` starts fast.
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 MAX_LIST_LIMIT = 100_000
 #: largest session id there can be: the state DB's integers are signed 64-bit
 MAX_SESSION_ID = 2**63 - 1
+#: exit code of a full-VM restore that would create a VM whose name is taken (``sysexits.h``
+#: ``EX_CANTCREAT``: "a (user specified) output file cannot be created")
+VM_EXISTS_EXIT = 73
 #: most transient failures ``sim fault --times`` arms
 MAX_FAULT_TIMES = 1_000_000
 
@@ -135,7 +140,7 @@ def cli(ctx: click.Context, config_path: Path) -> None:
     """backupd: back up virtual machines into a deduplicating repository.
 
     Exit codes: 0 success, 1 warning, 2 failed, 3 no running session to stop, 4 not found,
-    64 usage error, 78 config error.
+    64 usage error, 73 a VM of that name exists (restore --to-provider), 78 config error.
     """
     ctx.obj = _Context(config_path)
 
@@ -333,7 +338,7 @@ def session_show(ctx: _Context, session_id: int, as_json: bool) -> None:
 
 @cli.group("restore-point")
 def restore_point() -> None:
-    """Restore points: list, verify, delete."""
+    """Restore points: list, show, verify, delete."""
 
 
 @restore_point.command("list")
@@ -399,25 +404,10 @@ def restore_point_verify(ctx: _Context, point_ids: tuple[str, ...], verify_all: 
         sys.exit(2)
 
 
-@cli.command("restore")
-@click.argument("vm", type=TEXT)
-@click.option("--point", "point_id", type=TEXT, help="The restore point (default: the VM's newest).")
-@click.option("--to", "to_dir", required=True, type=_PathArg(file_okay=False, path_type=Path),
-              help="Folder to write one raw image per disk into.")
-@json_option
-@pass_ctx
-def restore(ctx: _Context, vm: str, point_id: str | None, to_dir: Path, as_json: bool) -> None:
-    """Write the disks of a restore point of VM as raw images and print their paths."""
-    from backupd.progress import progress_bar
+from backupd.cli_restore import restore, restore_point_show  # noqa: E402 (uses the options above)
 
-    with progress_bar(f"restoring {vm}", unit_bytes=True, enabled=not as_json and sys.stderr.isatty()) as progress:
-        point, images = ctx.service.restore(vm, to_dir, point_id=point_id, progress=progress)
-    if as_json:
-        _print_json({"point": point, "images": [str(p) for p in images]})
-    else:
-        click.echo(f"restore point {point}:")
-        for image in images:
-            click.echo(str(image))
+cli.add_command(restore)
+restore_point.add_command(restore_point_show)
 
 
 # -- VMs ----------------------------------------------------------------------------------------
@@ -444,7 +434,7 @@ def vm_list(ctx: _Context, provider_name: str | None, as_json: bool) -> None:
         try:
             for info in provider.list_vms():
                 rows.append({
-                    "name": info.name, "provider": name, "power_state": info.power_state,
+                    "name": info.name, "id": info.id, "provider": name, "power_state": info.power_state,
                     "disks": [{"key": d.key, "label": d.label, "capacity_bytes": d.capacity_bytes,
                                "change_id": d.change_id} for d in info.disks],
                     "snapshots": [{"id": s.id, "name": s.name, "created_at": s.created_at.isoformat()}
@@ -466,7 +456,7 @@ def vm_list(ctx: _Context, provider_name: str | None, as_json: bool) -> None:
 
 @cli.group()
 def sim() -> None:
-    """The simulated hypervisor: guest writes, faults, CBT reset."""
+    """The simulated hypervisor: guest writes, faults, CBT reset, renames."""
 
 
 provider_option = click.option("--provider", "provider_name", type=TEXT,
@@ -550,6 +540,24 @@ def sim_fault(ctx: _Context, vm: str, provider_name: str | None, op: str | None,
     else:
         held = ", ".join(f"{name} ({calls} call(s) blocked)" for name, calls in paused.items())
         click.echo(f"{vm}: faults armed: {armed or 'none'}; paused: {held or 'none'}")
+
+
+@sim.command("rename")
+@click.argument("old", type=TEXT)
+@click.argument("new", type=TEXT)
+@provider_option
+@json_option
+@pass_ctx
+def sim_rename(ctx: _Context, old: str, new: str, provider_name: str | None, as_json: bool) -> None:
+    """Rename a VM as vCenter would: its id, disks, snapshots and CBT stay, so its restore
+    point chain goes on. Rename it in the config too (a config entry still called OLD declares
+    a new VM), and in the jobs' VM lists."""
+    provider = ctx.service.simulated_provider(old, provider_name)
+    vm = provider.rename_vm(old, new)
+    if as_json:
+        _print_json({"vm": {"id": vm.id, "name": vm.name}, "old_name": old, "provider": provider.name})
+    else:
+        click.echo(f"{old}: renamed {vm.name} (id {vm.id})")
 
 
 @sim.command("cbt-reset")
@@ -666,7 +674,7 @@ def configure_logging(*, daemon: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the CLI and exit with the code the outcome maps to."""
-    from providers.base import ProviderError, VmNotFound
+    from providers.base import ProviderError, VmExists, VmNotFound
     from providers.simulated._errors import InvalidArgument  # light: not the whole simulator
 
     configure_logging()
@@ -687,6 +695,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except VmNotFound as exc:
         click.echo(f"backupd: {exc}", err=True)
         code = 4
+    except VmExists as exc:
+        click.echo(f"backupd: {exc}", err=True)
+        code = VM_EXISTS_EXIT
     except InvalidArgument as exc:  # an administration call's argument out of range
         click.echo(f"backupd: {exc}", err=True)
         code = 64

@@ -159,6 +159,8 @@ class SessionRunner:
                 self.store.log(session_id, f"recovery: {action}", level=level)
         self.store.advance_session(session_id, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
         self.store.log(session_id, f"session started: job {self.session.job}, {len(self.job.vms)} VMs")
+        for notice in provider.notices():
+            self.store.log(session_id, f"provider {provider.name}: {notice}", level="warning")
 
         slots = threading.Semaphore(self.job.max_parallel_vms)
         workers = max(2, os.cpu_count() or 2)

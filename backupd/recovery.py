@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING
 from backupd.enums import SessionResult, SessionState, TaskStatus
 from backupd.errors import BackupdError
 from backupd.retry import call_with_retry
-from backupd.state import JobSession, StateStore, as_utc
+from backupd.state import JobSession, StateStore, VmTask, as_utc
 
 if TYPE_CHECKING:
     from backupd.config import Config, JobConfig
-    from providers.base import Provider
+    from providers.base import Provider, VmInfo
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _recover(config: "Config", store: StateStore, session: JobSession) -> None:
         if task.status.is_final:
             continue
         fields: dict[str, object] = {"stage": None, "ended_at": as_utc(session.heartbeat_at) or session.created_at}
-        point = committed.get(task.vm)
+        point = committed.get(task.vm_id) or committed.get(task.vm)
         if point is not None:
             fields["restore_point"] = point
             if task.snapshot_removed or task.snapshot_id is None:
@@ -137,8 +137,9 @@ def _recover(config: "Config", store: StateStore, session: JobSession) -> None:
 
 
 def _committed_points(config: "Config", session: JobSession) -> dict[str, str]:
-    """VM name → restore point the session committed, read from the job's repository (the
-    source of truth for restore points). Empty when the job or repository is gone."""
+    """VM id and VM name → restore point the session committed, read from the job's
+    repository (the source of truth for restore points; a task that found its VM recorded its
+    id, which decides). Empty when the job or repository is gone."""
     job = config.jobs.get(session.job)
     if job is None:
         return {}
@@ -150,7 +151,13 @@ def _committed_points(config: "Config", session: JobSession) -> dict[str, str]:
     except BackupdError as exc:
         log.warning("session %s: cannot read its repository to recover it: %s", session.id, exc)
         return {}
-    return {point.vm: point.id for point in points if point.session == str(session.id)}
+    committed = {}
+    for point in points:
+        if point.session == str(session.id):
+            committed[point.vm] = point.id
+            if point.vm_id is not None:
+                committed[point.vm_id] = point.id
+    return committed
 
 
 # -- snapshots nobody owns ---------------------------------------------------------------------
@@ -222,10 +229,22 @@ def _find_orphaned_snapshots(
 
     found: list[OrphanedSnapshot] = []
     tried: set[str] = set()
+    by_id: dict[str, "VmInfo"] = {}
+
+    def vm_of(task: VmTask) -> "VmInfo":
+        """The task's VM by its id (a VM renamed since keeps it), else by its recorded name."""
+        if task.vm_id is None:
+            return provider.find_vm(task.vm)
+        if task.vm_id not in by_id:
+            by_id.update((vm.id, vm) for vm in provider.list_vms())
+        if task.vm_id not in by_id:
+            raise VmNotFound(f"no VM with id {task.vm_id} (called {task.vm!r} at the session) on provider {provider.name!r}")
+        return by_id[task.vm_id]
+
     for task in store.unremoved_snapshots(job_name):
         tried.add(task.snapshot_id)  # type: ignore[arg-type]
         try:
-            vm = provider.find_vm(task.vm)
+            vm = vm_of(task)
             snapshot = next((s for s in provider.list_snapshots(vm) if s.id == task.snapshot_id), None)
             action = "already gone" if snapshot is None else "would remove" if dry_run else "removed"
             if snapshot is not None and not dry_run:

@@ -60,6 +60,7 @@ def task_document(task: VmTask) -> dict[str, Any]:
     """One VM task inside ``session show --json``."""
     return {
         "name": task.vm,
+        "vm_id": task.vm_id,
         "status": task.status.value,
         "mode": task.mode,
         "stage": task.stage,
@@ -110,6 +111,7 @@ def point_document(repository: str, point: "PointInfo") -> dict[str, Any]:
     return {
         "id": point.id,
         "vm": point.vm,
+        "vm_id": point.vm_id,
         "job": point.job,
         "session": int(point.session) if str(point.session).isdigit() else point.session,
         "mode": point.mode,
@@ -134,11 +136,58 @@ def damaged_point_document(repository: str, damaged: "DamagedPoint") -> dict[str
         document = point_document(repository, damaged.info)
     else:
         document = {
-            "id": damaged.id, "vm": None, "job": None, "session": None, "mode": None, "logical_bytes": None,
+            "id": damaged.id, "vm": None, "vm_id": None, "job": None, "session": None, "mode": None, "logical_bytes": None,
             "stored_bytes": None, "bytes_read": None, "created_at": None, "repository": repository, "disks": [],
         }
     document.update(damaged=True, problem=damaged.problem)
     return document
+
+
+def point_show_document(repository: str, point: "PointInfo") -> dict[str, Any]:
+    """``restore-point show --json``: the ``restore-point list`` row plus ``config``, the VM
+    configuration the point captured (null for points made before backupd captured it):
+    ``{name, guest_os, cpus, memory_bytes, firmware, disks: [{key, label, controller,
+    controller_model, bus_number, unit_number, capacity_bytes, thin}], nics: [{label, network,
+    adapter_type}]}``."""
+    from providers.vm_config_json import config_to_json
+
+    document = point_document(repository, point)
+    document["config"] = config_to_json(point.vm_config) if point.vm_config is not None else None
+    return document
+
+
+def point_show_text(document: dict[str, Any]) -> str:
+    """``restore-point show`` for a person."""
+    lines = [
+        f"restore point {document['id']}  ({document['mode']}, repository {document['repository']})",
+        f"VM:       {document['vm']}" + (f"  (id {document['vm_id']})" if document["vm_id"] else "  (no id recorded)"),
+        f"job:      {document['job']}  session {document['session']}",
+        f"created:  {document['created_at']}",
+        f"size:     {size(document['logical_bytes'])} logical, {size(document['stored_bytes'])} stored, "
+        f"{size(document['bytes_read'])} read",
+    ]
+    config = document["config"]
+    if config is None:
+        lines += ["", "no VM configuration captured (made before backupd captured it)", ""]
+        lines.append(table(["DISK", "KEY", "SIZE"], ([d["label"], d["key"], size(d["capacity_bytes"])]
+                                                      for d in document["disks"])))
+        return "\n".join(lines)
+    lines += [
+        "",
+        f"guest OS: {config['guest_os']}",
+        f"CPUs:     {config['cpus']}",
+        f"memory:   {size(config['memory_bytes'])}",
+        f"firmware: {config['firmware']}",
+        "",
+        table(["DISK", "KEY", "CONTROLLER", "BUS:UNIT", "SIZE", "PROVISIONING"], (
+            [d["label"], d["key"], f"{d['controller']} ({d['controller_model']})",
+             f"{d['bus_number']}:{d['unit_number']}", size(d["capacity_bytes"]), "thin" if d["thin"] else "thick"]
+            for d in config["disks"])),
+    ]
+    if config["nics"]:
+        lines += ["", table(["NIC", "NETWORK", "ADAPTER"],
+                            ([n["label"], n["network"], n["adapter_type"]] for n in config["nics"]))]
+    return "\n".join(lines)
 
 
 def size(count: int | None) -> str:

@@ -23,7 +23,7 @@ Progress = Callable[[int, int], None]
 
 if TYPE_CHECKING:
     from backupd.repository import DamagedPoint, PointInfo, Repository, VerifyResult
-    from providers.base import Provider
+    from providers.base import Provider, VmInfo
     from providers.simulated import SimulatedProvider
 
 
@@ -252,20 +252,47 @@ class Backupd:
         ]
 
     def restore_points(self, *, vm: str | None = None, job: str | None = None) -> list[tuple[str, "PointInfo"]]:
-        """``(repository name, point)`` pairs, newest first."""
+        """``(repository name, point)`` pairs, newest first; with ``vm``, the points of the
+        VM that name means (:meth:`vm_filter`)."""
         found = []
         for name, repository in self._repositories(job):
-            found.extend((name, point) for point in repository.points(vm=vm, job=job))
+            found.extend((name, point) for point in repository.points(job=job))
         found.sort(key=lambda pair: (pair[1].created_at, pair[1].id), reverse=True)
+        if vm is not None:
+            belongs = self.vm_filter(vm, [point for _, point in found] if job is None else None)
+            found = [(name, point) for name, point in found if belongs(point)]
         return found
+
+    def vm_filter(self, vm: str, points: list["PointInfo"] | None = None) -> Callable[["PointInfo"], bool]:
+        """Which restore points belong to the VM ``vm`` names: names are shown, ids decide.
+
+        ``vm`` is resolved through the newest restore point made under that name (in any
+        configured repository): the points of that point's VM id, under whatever name they
+        were made, plus the points written before backupd recorded ids (repository format
+        1) under any of those names. A name no point has is tried as a VM id. The provider is
+        not asked: a VM that was deleted, or whose provider is unreachable, resolves alike.
+
+        :param points: every restore point, newest first, if the caller has them already.
+        """
+        every = points if points is not None else [point for _, point in self.restore_points()]
+        newest = next((point for point in every if point.vm == vm), None)
+        vm_id = newest.vm_id if newest is not None else vm if any(p.vm_id == vm for p in every) else None
+        if vm_id is None:
+            return lambda point: point.vm_id is None and point.vm == vm
+        names = {point.vm for point in every if point.vm_id == vm_id}
+        return lambda point: point.vm_id == vm_id if point.vm_id is not None else point.vm in names
 
     def damaged_points(self, *, vm: str | None = None, job: str | None = None) -> list[tuple[str, "DamagedPoint"]]:
         """``(repository name, damaged point)`` pairs, newest first: restore points whose
-        manifest is unreadable or truncated."""
+        manifest is unreadable or truncated (with ``vm``: those of that VM, and those whose
+        header is unreadable, as their VM is unknown)."""
         found = []
         for name, repository in self._repositories(job):
-            found.extend((name, point) for point in repository.damaged_points(vm=vm, job=job))
+            found.extend((name, point) for point in repository.damaged_points(job=job))
         found.sort(key=lambda pair: pair[1].id, reverse=True)
+        if vm is not None:
+            belongs = self.vm_filter(vm)
+            found = [(name, point) for name, point in found if point.info is None or belongs(point.info)]
         return found
 
     def repository_of(self, point_id: str) -> str:
@@ -332,22 +359,64 @@ class Backupd:
     ) -> tuple[str, list[Path]]:
         """Write one raw image per disk of a restore point of ``vm`` into ``to_dir``.
 
+        :param vm: a VM name (resolved as :meth:`vm_filter` says) or id.
         :param point_id: the restore point; by default the VM's newest in any repository.
         :param progress: called as ``progress(bytes written, bytes of all disks)``.
         :returns: (point id, image paths in disk order).
         :raises NotFoundError: no such point, or no point of that VM.
         """
+        name, point = self.point_of_vm(vm, point_id)
+        repository = self.config.repositories[name].open(create=False)
+        return point.id, repository.restore(point.id, to_dir, progress=progress)
+
+    def point_of_vm(self, vm: str, point_id: str | None) -> tuple[str, "PointInfo"]:
+        """``(repository name, point)``: the restore point ``point_id``, checked to belong to
+        ``vm`` (:meth:`vm_filter`), or, without an id, the VM's newest.
+
+        :raises NotFoundError: no such point, it is another VM's, or the VM has none.
+        """
         if point_id is None:
             points = self.restore_points(vm=vm)
             if not points:
                 raise NotFoundError(f"no restore point of VM {vm!r}")
-            name, point = points[0]
-        else:
-            name, point = self.find_point(point_id)
-            if point.vm != vm:
-                raise NotFoundError(f"restore point {point_id!r} belongs to VM {point.vm!r}, not {vm!r}")
-        repository = self.config.repositories[name].open(create=False)
-        return point.id, repository.restore(point.id, to_dir, progress=progress)
+            return points[0]
+        name, point = self.find_point(point_id)
+        if not self.vm_filter(vm)(point):
+            raise NotFoundError(f"restore point {point_id!r} belongs to VM {point.vm!r} (id {point.vm_id}), "
+                                f"not {vm!r}")
+        return name, point
+
+    def restore_vm(
+        self, vm: str, provider_name: str, new_name: str, *, point_id: str | None = None,
+        datastore: str | None = None,
+    ) -> tuple[str, "VmInfo"]:
+        """Full-VM restore: create a new, powered-off VM ``new_name`` on ``provider_name``
+        from the configuration a restore point of ``vm`` captured, its disks streamed from
+        the repository (every block checked against its hash) into
+        :meth:`~providers.base.Provider.create_vm`, which leaves nothing behind when it fails
+        or is interrupted (Ctrl-C).
+
+        :returns: (point id, the new VM).
+        :raises NotFoundError: no such point, VM or provider.
+        :raises UsageError: the point has no captured configuration (made before backupd
+            captured them: restore its disks with ``--to DIR``).
+        :raises VmExists: the provider has a VM ``new_name``; nothing was created.
+        :raises RepositoryCorruptError: a block is damaged; nothing was created.
+        :raises ProviderError: the VM could not be created; nothing was left behind.
+        """
+        name, point = self.point_of_vm(vm, point_id)
+        if point.vm_config is None:
+            raise UsageError(f"restore point {point.id} was made before backupd captured VM configurations; "
+                             f"restore its disks with --to DIR")
+        provider = self.provider(provider_name)
+        try:
+            repository = self.config.repositories[name].open(create=False)
+            with repository.open_point(point.id) as reader:
+                streams = {disk.key: reader.disk(disk.key) for disk in point.vm_config.disks}
+                created = provider.create_vm(point.vm_config, name=new_name, datastore=datastore, disks=streams)
+        finally:
+            provider.close()
+        return point.id, created
 
     # -- providers --------------------------------------------------------------------------
 
@@ -360,19 +429,31 @@ class Backupd:
         return open_provider(name, self.config.providers[name])
 
     def simulated_provider(self, vm: str, name: str | None) -> "SimulatedProvider":
-        """The simulated provider holding ``vm`` (``name`` picks one when several could).
+        """The simulated provider holding ``vm`` (``name`` picks one when several could): one
+        whose config declares it, or whose state folder holds it (a VM made by a full-VM
+        restore, or renamed).
 
         :raises NotFoundError: no simulated provider has that VM.
         :raises UsageError: ``name`` is not a simulated provider, or several have the VM.
         """
+        from providers.base import VmNotFound
+
         candidates = [name] if name else [n for n, c in self.config.providers.items() if getattr(c, "type", None) == "simulated"]
         if name and getattr(self.config.providers.get(name), "type", None) != "simulated":
             if name not in self.config.providers:
                 raise NotFoundError(f"no provider {name!r} in {self.config.path}")
             raise UsageError(f"provider {name!r} is not a simulated provider")
-        having = [n for n in candidates if any(v.name == vm for v in self.config.providers[n].vms)]  # type: ignore[attr-defined]
+        having = []
+        for candidate in candidates:
+            provider: SimulatedProvider = self.provider(candidate)  # type: ignore[assignment]
+            try:
+                provider.find_vm(vm)
+            except VmNotFound:
+                provider.close()
+                continue
+            having.append(provider)
         if not having:
             raise NotFoundError(f"no simulated provider has a VM {vm!r}")
         if len(having) > 1:
-            raise UsageError(f"VM {vm!r} exists on providers {', '.join(having)}; choose one with --provider")
-        return self.provider(having[0])  # type: ignore[return-value]
+            raise UsageError(f"VM {vm!r} exists on providers {', '.join(p.name for p in having)}; choose one with --provider")
+        return having[0]

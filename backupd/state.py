@@ -106,7 +106,10 @@ class VmTask(SQLModel, table=True):
     session_id: int = Field(foreign_key="job_session.id", index=True)
     #: index in the job's VM list (processing order)
     position: int
+    #: the VM's name in the job (what the task looks it up by)
     vm: str
+    #: the VM's stable id (:attr:`providers.base.VmInfo.id`) once the task found the VM
+    vm_id: str | None = None
     status: TaskStatus = _stored_as_value(TaskStatus, nullable=False)
     #: what the task is doing now: waiting, snapshot, transfer, commit, remove_snapshot, done
     stage: str | None = None
@@ -140,8 +143,8 @@ class SessionLog(SQLModel, table=True):
 
 
 class VmLock(SQLModel, table=True):
-    """A VM being processed: one row per (provider, VM), so two sessions never process the
-    same VM at once."""
+    """A VM being processed: one row per (provider, VM id), keyed ``provider/vm id``, so two
+    sessions never process the same VM at once, whatever it is called in each job."""
 
     __tablename__ = "vm_lock"
 

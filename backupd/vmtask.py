@@ -2,17 +2,20 @@
 
 Per VM, in this order (DESIGN.md, "Data flow"):
 
-1. take the VM's lock in the state DB (one session per VM at a time; wait up to
-   ``vm_lock_timeout_seconds``);
+1. find the VM by its name in the job and record its stable id (:attr:`VmInfo.id`) on the
+   task; take the VM's lock in the state DB, keyed ``provider/vm id`` (one session per VM at
+   a time; wait up to ``vm_lock_timeout_seconds``);
 2. create the snapshot, quiesced if the job asks; a :class:`~providers.base.QuiesceError` falls
    back to a crash-consistent snapshot and the VM ends ``warning``;
 3. record the snapshot id in the state DB before anything else, so no snapshot is ever
    created that the state DB does not know of;
 4. transfer: per disk, the areas CBT reports changed since the disk's changeId in the VM's
-   previous restore point of this job (incremental), else every in-use area (full); blocks are
+   previous restore point of this job, found by the VM's id, so a renamed VM goes on with
+   its chain (incremental), else every in-use area (full); blocks are
    read on this thread and hashed, compressed and written by the session's block pool, at most
    :data:`IN_FLIGHT_BLOCKS` at a time, so memory stays flat whatever the disk size;
-5. commit the restore point (its manifest is written last and atomically);
+5. commit the restore point with the VM's id, its name now and the configuration the
+   snapshot captured (its manifest is written last and atomically);
 6. remove the snapshot (retried; a removal that still fails is recorded on the task);
 7. apply retention to the VM's restore points of this job.
 
@@ -152,11 +155,13 @@ class VmTask:
 
     def _run(self) -> None:
         self._update(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow())
-        lock_key = f"{self.job.provider}/{self.vm_name}"
         try:
+            vm = self._retry(lambda: self.provider.find_vm(self.vm_name))
+            self._update(vm_id=vm.id)
+            lock_key = f"{self.job.provider}/{vm.id}"
             self._wait_for_vm_lock(lock_key)
             try:
-                point_id, mode = self._process()
+                point_id, mode = self._process(vm)
             finally:
                 self.store.release_vm(lock_key, self.session_id)
         except _NotStarted:
@@ -211,12 +216,13 @@ class VmTask:
                 raise _NotStarted
             self.stop.cancel.wait(LOCK_POLL_SECONDS)
 
-    def _process(self) -> tuple[str, TransferMode]:
-        vm = self._retry(lambda: self.provider.find_vm(self.vm_name))
+    def _process(self, vm: VmInfo) -> tuple[str, TransferMode]:
         # The last moment a graceful stop keeps this VM from starting: read it from the DB now,
         # not at the next poll, so "stop before the first VM" is exact.
         if self.stop.refresh() is not None:
             raise _NotStarted
+        if self.job.enable_cbt:
+            self._enable_cbt(vm)
         self._update(stage="snapshot")
         snapshot = self._create_snapshot(vm)
         try:
@@ -225,24 +231,37 @@ class VmTask:
             self._update(snapshot_id=snapshot.id,
                          note=f"snapshot {snapshot.id} created" + (" (quiesced)" if snapshot.quiesced else ""))
             self._check_cancel()
-            point_id, mode = self._transfer(snapshot)
+            point_id, mode = self._transfer(vm, snapshot)
         finally:
             self._remove_snapshot(snapshot)
         self._update(stage="retention")
-        self._apply_retention()
+        self._apply_retention(vm)
         return point_id, mode
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, vm: VmInfo) -> None:
         """Keep the job's number of restore points of this VM. A failure here leaves this
         session's restore point in place and ends the VM ``warning``."""
         try:
-            removed = self.repository.apply_retention(vm=self.vm_name, job=self.job_name, keep=self.job.retention)
+            removed = self.repository.apply_retention(vm_id=vm.id, vm=vm.name, job=self.job_name,
+                                                      keep=self.job.retention)
         except RepositoryError as exc:
             self.warnings.append(f"retention failed: {exc}")
             self._log(self.warnings[-1], level="warning")
             return
         if removed:
             self._log(f"retention removed {len(removed)} restore point(s): {', '.join(removed)}")
+
+    def _enable_cbt(self, vm: VmInfo) -> None:
+        """The job's ``enable_cbt``: switch CBT on where it is off. A failure is a warning, not
+        the VM's end: the backup goes on with full reads."""
+        try:
+            switched_on = self._retry(lambda: self.provider.enable_cbt(vm))
+        except ProviderError as exc:
+            self.warnings.append(f"CBT could not be switched on, disks are read in full: {exc}")
+            self._log(self.warnings[-1], level="warning")
+            return
+        if switched_on:
+            self._log("CBT switched on; it takes effect at this snapshot, so this transfer is full")
 
     def _create_snapshot(self, vm: VmInfo) -> Snapshot:
         def create(quiesce: bool) -> Callable[[], Snapshot]:
@@ -290,14 +309,16 @@ class VmTask:
         except Exception:  # noqa: BLE001 - logged; the removal itself matters more
             log.exception("VM task %s of session %s: state DB update failed", self.vm_name, self.session_id)
 
-    def _transfer(self, snapshot: Snapshot) -> tuple[str, TransferMode]:
+    def _transfer(self, vm: VmInfo, snapshot: Snapshot) -> tuple[str, TransferMode]:
         self._update(stage="transfer")
-        plans = self._plan(snapshot)
+        plans = self._plan(vm, snapshot)
+        vm_config = self._retry(lambda: self.provider.vm_config(snapshot))
         mode = TransferMode.INCREMENTAL if all(p.base_point for p in plans) else TransferMode.FULL
         block_size = self.repository.block_size
         writer: PointWriter
         with self.repository.new_point(
-            vm=self.vm_name, job=self.job_name, session=str(self.session_id), mode=mode.value
+            vm=vm.name, vm_id=vm.id, vm_config=vm_config, job=self.job_name, session=str(self.session_id),
+            mode=mode.value,
         ) as writer:
             disk_writers = [self._add_disk(writer, plan) for plan in plans]
             total = sum(
@@ -342,10 +363,10 @@ class VmTask:
             plan.blocks = sorted(set(plan.blocks) | disk_writer.missing)
         return disk_writer
 
-    def _plan(self, snapshot: Snapshot) -> list[_DiskPlan]:
+    def _plan(self, vm: VmInfo, snapshot: Snapshot) -> list[_DiskPlan]:
         previous = None
         if not self.full:
-            previous, passed_over = self.repository.base_point(vm=self.vm_name, job=self.job_name)
+            previous, passed_over = self.repository.base_point(vm_id=vm.id, vm=vm.name, job=self.job_name)
             for damaged in passed_over:
                 self._log(f"restore point {damaged.id} is damaged and is not used as a base: {damaged.problem}",
                           level="warning")

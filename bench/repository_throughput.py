@@ -68,7 +68,7 @@ def write_point(repo: Repository, data: bytes, threads: int, vm: str) -> tuple[f
     block_size = repo.block_size
     blocks = -(-len(data) // block_size)
     started = time.perf_counter()
-    with repo.new_point(vm=vm, job="bench", session="bench", mode="full") as writer:
+    with repo.new_point(vm=vm, vm_id=vm, job="bench", session="bench", mode="full") as writer:
         disk = writer.add_disk(key=2000, label="Hard disk 1", capacity_bytes=len(data), change_id=None)
         with ThreadPoolExecutor(threads) as pool:
             for _ in pool.map(lambda i: disk.put_block(i, data[i * block_size : (i + 1) * block_size]), range(blocks)):

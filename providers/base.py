@@ -351,5 +351,22 @@ class Provider(ABC):
         :raises ProviderError: the VM could not be created; nothing was left behind.
         """
 
+    def enable_cbt(self, vm: VmInfo) -> bool:
+        """Switch changed block tracking on for the VM when it is off (vSphere
+        ``ReconfigVM_Task`` with ``changeTrackingEnabled``). It takes effect at the next
+        snapshot, so the session that switches it on reads the disks in full.
+
+        The default suits providers whose CBT is always on (the simulated hypervisor).
+
+        :returns: True when CBT was off and is now on, False when it was on already.
+        :raises ProviderError: it could not be switched on (e.g. a missing privilege).
+        """
+        return False
+
+    def notices(self) -> list[str]:
+        """Warnings about how this provider is set up, which every session using it writes to
+        its log (vSphere: TLS certificate verification switched off). Default: none."""
+        return []
+
     def close(self) -> None:
         """Release connections and files. Idempotent."""

@@ -9,6 +9,7 @@ Public face of the package; the modules behind it each hold one concern::
     _writer       PointWriter / DiskWriter: writing one restore point
     _maintenance  retention, garbage collection, verification
     _restore      restoring a point into raw disk images
+    _stream       reading a point's disks as sequential streams (full-VM restore)
     _repository   the Repository facade
 
 The on-disk format is described in ``docs/repository-format.md``.
@@ -20,14 +21,17 @@ from ._maintenance import GcResult, VerifyResult
 from ._manifest import DamagedPoint, PointDisk, PointInfo
 from ._repository import Repository
 from ._restore import image_name
+from ._stream import DiskStream, PointReader
 from ._writer import DiskWriter, PointWriter
 
 __all__ = [
     "DamagedPoint",
+    "DiskStream",
     "DiskWriter",
     "GcResult",
     "PointDisk",
     "PointInfo",
+    "PointReader",
     "PointWriter",
     "Repository",
     "VerifyResult",

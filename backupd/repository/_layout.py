@@ -7,12 +7,14 @@
       lock                         flock target: writers shared, garbage collection exclusive
       gc-pending                   present while unreferenced blocks may exist
       blocks/<aa>/<digest>         one zstd-compressed block, named by its BLAKE3 digest (hex)
-      points/<vm-key>/<id>.manifest  one restore point: JSON header line + binary block maps
+      points/<vm-key>/<id>.manifest  one restore point: JSON header line + binary block maps;
+                                   ``<vm-key>`` from the VM's id (format 2), or from its
+                                   name for points written by format 1
       staging/<id>/                an unfinished restore point: owner file, staged blocks, tmp
       quarantine/<digest>          a block found damaged or missing: its damaged bytes (or
                                    nothing), moved out of ``blocks/`` so no point reuses it
 
-Every name under the root is built here from validated parts: VM names go through
+Every name under the root is built here from validated parts: VM ids and names go through
 :func:`vm_key`, point ids must match :data:`POINT_ID_RE`, digests are hex. Nothing a VM is
 called can therefore name a path outside the root. Files are created 0600 and folders 0700:
 a repository holds whole disk images.
@@ -36,8 +38,9 @@ import blake3
 
 from backupd.errors import NotFoundError, RepositoryError
 
-#: the repository format this code writes and the newest it reads
-FORMAT_VERSION = 1
+#: the repository format this code writes and the newest it reads (2: restore points carry
+#: the VM's stable id and configuration and live in a folder by id; 1: by name only, still read)
+FORMAT_VERSION = 2
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 MANIFEST_SUFFIX = ".manifest"
@@ -281,22 +284,46 @@ class Layout:
             )
         return config
 
-    def vm_dir(self, vm: str) -> Path:
-        """Folder holding the manifests of one VM (see :func:`vm_key`)."""
-        return self.points / vm_key(vm)
+    def upgrade_config(self, config: RepositoryConfig) -> RepositoryConfig:
+        """Record in ``repository.json`` that this repository holds points of format
+        :data:`FORMAT_VERSION` (before the first such point is written, so an older backupd
+        refuses the repository instead of misreading it); atomic (tmp + rename). Nothing
+        else changes: points of older formats stay where they are and are read as they are.
 
-    def manifest_path(self, vm: str, point_id: str) -> Path:
-        """Where the manifest of a restore point lives."""
-        return self.vm_dir(vm) / f"{point_id}{MANIFEST_SUFFIX}"
+        :returns: the config as it is now.
+        :raises RepositoryError: ``repository.json`` cannot be written.
+        """
+        if config.version >= FORMAT_VERSION:
+            return config
+        upgraded = RepositoryConfig(FORMAT_VERSION, config.block_size, config.hash, config.compression)
+        document = {"format": "backupd-repository", "version": upgraded.version, "block_size": upgraded.block_size,
+                    "hash": upgraded.hash, "compression": upgraded.compression}
+        tmp = self.root / f".repository.json.{secrets.token_hex(4)}.tmp"
+        try:
+            write_durably(self.config_file, [(json.dumps(document, indent=2) + "\n").encode()], tmp=tmp,
+                          exclusive=False)
+        except OSError as exc:
+            raise RepositoryError(f"{self.config_file}: cannot upgrade to format {FORMAT_VERSION}: "
+                                  f"{exc.strerror or exc}") from exc
+        return upgraded
 
-    def manifests(self, vm: str | None = None) -> Iterator[tuple[str, Path]]:
-        """Every ``(point id, manifest path)`` stored, or only those of one VM; any order.
+    def vm_dir(self, vm_id: str | None, vm: str) -> Path:
+        """Folder holding a VM's manifests: by its id (``vm_key("id:" + vm_id)``), or, for
+        points of format 1 (``vm_id`` None), by its name (``vm_key(vm)``)."""
+        return self.points / (vm_key(f"id:{vm_id}") if vm_id is not None else vm_key(vm))
+
+    def manifest_path(self, vm_id: str | None, vm: str, point_id: str) -> Path:
+        """Where the manifest of a restore point lives (see :meth:`vm_dir`)."""
+        return self.vm_dir(vm_id, vm) / f"{point_id}{MANIFEST_SUFFIX}"
+
+    def manifests(self, folders: list[Path] | None = None) -> Iterator[tuple[str, Path]]:
+        """Every ``(point id, manifest path)`` stored, or only those in ``folders``; any order.
 
         Only names of the form ``<point id>.manifest`` count.
 
         :raises RepositoryError: the points folder cannot be listed.
         """
-        folders = [self.vm_dir(vm)] if vm is not None else self._list(self.points)
+        folders = folders if folders is not None else self._list(self.points)
         for folder in folders:
             for entry in self._list(folder):
                 point_id = entry.name.removesuffix(MANIFEST_SUFFIX)

@@ -5,8 +5,8 @@
     {"block_size":1048576,"bytes_read":...,"checksum":"<64 hex>","created_at":"...",
      "disks":[{"blocks":N,"capacity_bytes":...,"change_id":...,"key":2000,"label":...}],
      "format":"backupd-point","hash":"blake3","id":"...","job":"...",
-     "logical_bytes":...,"mode":"full","session":"...","stored_bytes":...,"version":1,
-     "vm":"..."}\\n
+     "logical_bytes":...,"mode":"full","session":"...","stored_bytes":...,"version":2,
+     "vm":"...","vm_config":{...},"vm_id":"..."}\\n
     <disk 0 block map: N × 32-byte digests><disk 1 block map>...
 
 The header is canonical JSON (sorted keys, no spaces, ASCII) on the first line, so listing
@@ -14,6 +14,10 @@ restore points reads one short line per manifest however large the disks are. A 
 has one entry per block of the disk (``ceil(capacity_bytes / block_size)``), in disk order;
 an all-zero entry (:data:`~._blocks.ZERO_DIGEST`) is a zero block. ``checksum`` is the
 BLAKE3 hex digest of the canonical header *without* ``checksum``, a newline, and all maps.
+
+Version 2 added ``vm_id`` (the VM's stable id, :attr:`providers.base.VmInfo.id`) and
+``vm_config`` (:func:`providers.vm_config_json.config_to_json` of what the snapshot captured,
+or null when the provider gave none); version 1 manifests have neither and read as None.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from pathlib import Path
 import blake3
 
 from backupd.errors import NotFoundError, RepositoryCorruptError, RepositoryError
+from providers.base import VmConfig
+from providers.vm_config_json import config_from_json, config_to_json
 
 from ._blocks import DIGEST_SIZE
 from ._layout import write_durably
 
 MANIFEST_FORMAT = "backupd-point"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 #: the header line is a few hundred bytes per disk; anything longer is not a manifest
 _MAX_HEADER = 1 << 20
 
@@ -60,7 +66,7 @@ class PointInfo:
     """What the header of a restore point says; listing reads only this.
 
     :ivar id: the point's id, e.g. ``20260521T045711.123456Z-1a2b3c4d`` (sorts by time).
-    :ivar vm: the VM name, exactly as given to ``new_point``.
+    :ivar vm: the VM's name when the point was made, exactly as given to ``new_point``.
     :ivar job: the job that made the point.
     :ivar session: the job session that made the point.
     :ivar mode: the transfer mode, ``"full"`` or ``"incremental"``; either way the point
@@ -70,6 +76,10 @@ class PointInfo:
     :ivar logical_bytes: sum of the disks' capacities.
     :ivar stored_bytes: compressed bytes of the blocks this point added to the repository.
     :ivar bytes_read: bytes handed to ``put_block`` (what the transfer read).
+    :ivar vm_id: the VM's stable id (chains follow it); None for a point of format 1, made
+        before backupd knew VM ids.
+    :ivar vm_config: the VM's configuration as the snapshot captured it; None for a point
+        of format 1.
     """
 
     id: str
@@ -82,6 +92,13 @@ class PointInfo:
     logical_bytes: int
     stored_bytes: int
     bytes_read: int
+    vm_id: str | None = None
+    vm_config: VmConfig | None = None
+
+    def of_vm(self, vm_id: str, vm: str) -> bool:
+        """Whether this point belongs to the VM of id ``vm_id``, now called ``vm``: its id
+        is ``vm_id``, or it has none (format 1) and was made under the name ``vm``."""
+        return self.vm_id == vm_id if self.vm_id is not None else self.vm == vm
 
 
 @dataclass(frozen=True)
@@ -129,6 +146,8 @@ def write_manifest(
         "block_size": block_size,
         "id": info.id,
         "vm": info.vm,
+        "vm_id": info.vm_id,
+        "vm_config": config_to_json(info.vm_config) if info.vm_config is not None else None,
         "job": info.job,
         "session": info.session,
         "mode": info.mode,
@@ -253,9 +272,12 @@ def _parse_header(path: Path, line: bytes) -> tuple[dict, PointInfo]:
             )
             for disk in header["disks"]
         )
+        vm_config = header.get("vm_config")
         info = PointInfo(
             id=str(header["id"]),
             vm=str(header["vm"]),
+            vm_id=None if header.get("vm_id") is None else str(header["vm_id"]),
+            vm_config=None if vm_config is None else config_from_json(vm_config),
             job=str(header["job"]),
             session=str(header["session"]),
             mode=str(header["mode"]),

@@ -7,14 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backupd.errors import NotFoundError, RepositoryCorruptError
+from providers.base import VmConfig
 
 from . import _maintenance
 from ._blocks import BlockStore
-from ._layout import Layout
+from ._layout import FORMAT_VERSION, Layout, RepositoryConfig
 from ._locking import discard_dead_staging
 from ._maintenance import GcResult, VerifyResult
 from ._manifest import DamagedPoint, PointInfo, peek_header, read_header, read_manifest
 from ._restore import restore
+from ._stream import PointReader
 from ._writer import PointWriter
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,10 @@ class Repository:
     :ivar block_size: bytes per block, fixed when the repository was created.
     """
 
-    def __init__(self, layout: Layout, block_size: int, compression_level: int) -> None:
+    def __init__(self, layout: Layout, config: RepositoryConfig, compression_level: int) -> None:
         self._layout = layout
+        self._config = config
+        block_size = config.block_size
         self.path = layout.root
         self.block_size = block_size
         self._store = BlockStore(
@@ -72,50 +76,81 @@ class Repository:
             layout.initialise(block_size)
         config = layout.read_config()
         discard_dead_staging(layout.staging)
-        return cls(layout, config.block_size, compression_level)
+        return cls(layout, config, compression_level)
 
-    def new_point(self, *, vm: str, job: str, session: str, mode: str) -> PointWriter:
+    def new_point(
+        self, *, vm: str, vm_id: str, vm_config: VmConfig | None = None, job: str, session: str, mode: str
+    ) -> PointWriter:
         """Start writing a restore point of one VM.
 
         Holds the repository lock shared until commit or abort (waits while a garbage
-        collection runs); use the writer as a context manager so it is always released.
+        collection runs); use the writer as a context manager so it is always released. The
+        first point written into a format 1 repository upgrades ``repository.json`` to
+        format 2 (:meth:`Layout.upgrade_config`).
 
-        :param vm: the VM name (any string; stored exactly, sanitized for paths).
+        :param vm: the VM's name now (any string; stored exactly, shown to people).
+        :param vm_id: the VM's stable id (:attr:`providers.base.VmInfo.id`; any string,
+            sanitized for paths): the point's folder, and what chains follow.
+        :param vm_config: the VM's configuration the snapshot captured (stored in the
+            manifest header, under its checksum).
         :param job: the job name.
         :param session: the job session id.
         :param mode: ``"full"`` or ``"incremental"`` (a :class:`~backupd.enums.TransferMode`
             member is accepted and stored by value).
         :raises RepositoryError: the staging folder or lock cannot be created.
         """
+        if self._config.version < FORMAT_VERSION:
+            self._config = self._layout.upgrade_config(self._config)
         return PointWriter(
-            self._layout, self._store, self.block_size, vm=vm, job=job, session=session, mode=mode
+            self._layout, self._store, self.block_size,
+            vm=vm, vm_id=vm_id, vm_config=vm_config, job=job, session=session, mode=mode,
         )
 
-    def points(self, *, vm: str | None = None, job: str | None = None) -> list[PointInfo]:
-        """Restore points that look sound, newest first, optionally only of one VM and/or
-        one job (damaged ones: :meth:`damaged_points`).
+    def points(
+        self, *, vm: str | None = None, vm_id: str | None = None, job: str | None = None
+    ) -> list[PointInfo]:
+        """Restore points that look sound, newest first, optionally only those made under
+        the VM name ``vm``, of the VM id ``vm_id`` and/or of one job (damaged ones:
+        :meth:`damaged_points`; a VM's whole chain: :meth:`chain`).
 
         Reads one header line and the size of each manifest, never the block maps, so it
         stays cheap for any disk size.
 
         :raises RepositoryError: the points folder cannot be listed.
         """
-        return self._scan(vm, job)[0]
+        return self._scan(_Match(vm, vm_id, job))[0]
 
-    def damaged_points(self, *, vm: str | None = None, job: str | None = None) -> list[DamagedPoint]:
+    def damaged_points(
+        self, *, vm: str | None = None, vm_id: str | None = None, job: str | None = None
+    ) -> list[DamagedPoint]:
         """Restore points whose manifest is unreadable, not a manifest, or truncated, newest
         first (as cheap as :meth:`points`; a changed byte inside the block maps is found by
-        :meth:`verify`). With ``job``, points whose header is unreadable are included, since
-        their job is unknown.
+        :meth:`verify`). With a filter, points whose header is unreadable are included, since
+        their VM and job are unknown.
 
         :raises RepositoryError: the points folder cannot be listed.
         """
-        return self._scan(vm, job)[1]
+        return self._scan(_Match(vm, vm_id, job))[1]
 
-    def _scan(self, vm: str | None, job: str | None) -> tuple[list[PointInfo], list[DamagedPoint]]:
+    def chain(self, *, vm_id: str, vm: str, job: str) -> list[PointInfo]:
+        """The sound restore points of one VM made by one job, newest first: those of id
+        ``vm_id``, and those of format 1 (no id) made under the name ``vm`` (the VM's name
+        now), so a VM backed up before ids were recorded goes on with its chain.
+
+        :raises RepositoryError: the points folder cannot be listed.
+        """
+        return self._chain(vm_id, vm, job)[0]
+
+    def _chain(self, vm_id: str, vm: str, job: str) -> tuple[list[PointInfo], list[DamagedPoint]]:
+        folders = [self._layout.vm_dir(vm_id, vm), self._layout.vm_dir(None, vm)]
+        return self._scan(_Match(None, None, job, chain=(vm_id, vm)), folders)
+
+    def _scan(
+        self, match: "_Match", folders: list[Path] | None = None
+    ) -> tuple[list[PointInfo], list[DamagedPoint]]:
         found: list[PointInfo] = []
         damaged: list[DamagedPoint] = []
-        for point_id, manifest in self._layout.manifests(vm):
+        for point_id, manifest in self._layout.manifests(folders):
             try:
                 info = read_header(manifest)
             except NotFoundError:
@@ -123,10 +158,9 @@ class Repository:
             except RepositoryCorruptError as exc:
                 damaged.append(DamagedPoint(point_id, manifest.parent.name, str(exc), peek_header(manifest)))
                 continue
-            if (vm is None or info.vm == vm) and (job is None or info.job == job):
+            if match(info):
                 found.append(info)
-        damaged = [d for d in damaged if d.info is None or (
-            (vm is None or d.info.vm == vm) and (job is None or d.info.job == job))]
+        damaged = [d for d in damaged if d.info is None or match(d.info)]
         found.sort(key=lambda info: (info.created_at, info.id), reverse=True)
         damaged.sort(key=lambda d: d.id, reverse=True)
         return found, damaged
@@ -147,23 +181,24 @@ class Repository:
             return False
         return True
 
-    def base_point(self, *, vm: str, job: str) -> tuple[PointInfo | None, list[DamagedPoint]]:
-        """The newest restore point of a VM made by a job whose manifest is whole (read in
-        full, checksum checked): the base of the next incremental transfer.
+    def base_point(self, *, vm_id: str, vm: str, job: str) -> tuple[PointInfo | None, list[DamagedPoint]]:
+        """The newest restore point of a VM's :meth:`chain` made by a job whose manifest is
+        whole (read in full, checksum checked): the base of the next incremental transfer.
 
         :returns: that point (None: no sound point, a full transfer is needed) and the
             damaged points of the VM and job newer than it, which were passed over.
         :raises RepositoryError: the repository cannot be read.
         """
-        sound, damaged = self._scan(vm, job)
+        sound, damaged = self._chain(vm_id, vm, job)
         passed_over = list(damaged)
         for info in sound:
+            path = self._layout.manifest_path(info.vm_id, info.vm, info.id)
             try:
-                read_manifest(self._layout.manifest_path(info.vm, info.id), self.block_size)
+                read_manifest(path, self.block_size)
             except NotFoundError:
                 continue
             except RepositoryCorruptError as exc:
-                passed_over.append(DamagedPoint(info.id, self._layout.vm_dir(vm).name, str(exc), info))
+                passed_over.append(DamagedPoint(info.id, path.parent.name, str(exc), info))
                 continue
             return info, sorted((d for d in passed_over if d.id > info.id), key=lambda d: d.id, reverse=True)
         return None, sorted(passed_over, key=lambda d: d.id, reverse=True)
@@ -180,8 +215,9 @@ class Repository:
         self.collect_garbage()
         return removed
 
-    def apply_retention(self, *, vm: str, job: str, keep: int) -> list[str]:
-        """Delete all but the newest ``keep`` restore points of one VM made by one job.
+    def apply_retention(self, *, vm_id: str, vm: str, job: str, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` restore points of one VM's :meth:`chain` made
+        by one job.
 
         Points of other jobs and other VMs are untouched. Afterwards garbage is collected
         if points were deleted now or since the last completed collection (a collection that
@@ -195,9 +231,9 @@ class Repository:
         """
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        doomed = self.points(vm=vm, job=job)[keep:]
+        doomed = self.chain(vm_id=vm_id, vm=vm, job=job)[keep:]
         removed = _maintenance.delete_manifests(
-            self._layout, [(info.id, self._layout.manifest_path(info.vm, info.id)) for info in doomed]
+            self._layout, [(info.id, self._layout.manifest_path(info.vm_id, info.vm, info.id)) for info in doomed]
         )
         if _maintenance.gc_pending(self._layout):
             self.collect_garbage()
@@ -234,6 +270,16 @@ class Repository:
         """
         return _maintenance.verify(self._layout, self._store, self.block_size, point_ids, progress)
 
+    def open_point(self, point_id: str) -> PointReader:
+        """Open a restore point to read its disks as sequential streams (full-VM restore);
+        every block is checked against its hash as it is read. Holds the repository lock
+        shared until closed; use it as a context manager.
+
+        :raises NotFoundError: no such point.
+        :raises RepositoryCorruptError: its manifest is damaged.
+        """
+        return PointReader(self._layout, self._store, self.block_size, point_id)
+
     def restore(
         self, point_id: str, to_dir: Path, *, progress: Callable[[int, int], None] | None = None
     ) -> list[Path]:
@@ -255,3 +301,22 @@ class Repository:
             behind).
         """
         return restore(self._layout, self._store, self.block_size, point_id, Path(to_dir), progress)
+
+
+class _Match:
+    """Which restore points a listing keeps: made under the VM name ``vm``, of the VM id
+    ``vm_id``, by ``job`` (None: any), and, with ``chain=(vm_id, name)``, of that VM's chain
+    (:meth:`PointInfo.of_vm`)."""
+
+    def __init__(
+        self, vm: str | None, vm_id: str | None, job: str | None, *, chain: tuple[str, str] | None = None
+    ) -> None:
+        self.vm, self.vm_id, self.job, self.chain = vm, vm_id, job, chain
+
+    def __call__(self, info: PointInfo) -> bool:
+        return (
+            (self.vm is None or info.vm == self.vm)
+            and (self.vm_id is None or info.vm_id == self.vm_id)
+            and (self.job is None or info.job == self.job)
+            and (self.chain is None or info.of_vm(*self.chain))
+        )

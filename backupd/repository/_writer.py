@@ -20,6 +20,7 @@ from enum import Enum
 from types import TracebackType
 
 from backupd.errors import NotFoundError, RepositoryError
+from providers.base import VmConfig
 
 from ._blocks import DIGEST_SIZE, ZERO_DIGEST, BlockStore, block_digest
 from ._layout import Layout, make_private_dir, new_point_id, sync_filesystem
@@ -44,7 +45,9 @@ class PointWriter:
 
     :ivar id: the point's id, ``<UTC %Y%m%dT%H%M%S.%f>Z-<8 hex>``, unique and sortable.
     :ivar created_at: when the writer was opened (timezone-aware UTC).
-    :ivar vm: the VM name, as given to ``new_point``.
+    :ivar vm: the VM's name, as given to ``new_point``.
+    :ivar vm_id: the VM's stable id.
+    :ivar vm_config: the VM's configuration the snapshot captured, or None.
     :ivar job: the job name.
     :ivar session: the job session id.
     :ivar mode: ``"full"`` or ``"incremental"``.
@@ -57,17 +60,19 @@ class PointWriter:
         block_size: int,
         *,
         vm: str,
+        vm_id: str,
+        vm_config: VmConfig | None,
         job: str,
         session: str,
         mode: str,
     ) -> None:
-        for name, value in (("vm", vm), ("job", job), ("session", session), ("mode", mode)):
+        for name, value in (("vm", vm), ("vm_id", vm_id), ("job", job), ("session", session), ("mode", mode)):
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a str, got {type(value).__name__}")
         self._layout = layout
         self._store = store
         self._block_size = block_size
-        self.vm, self.job, self.session = vm, job, session
+        self.vm, self.vm_id, self.vm_config, self.job, self.session = vm, vm_id, vm_config, job, session
         self.mode = mode.value if isinstance(mode, Enum) else mode  # accept TransferMode members
         self.created_at = datetime.now(timezone.utc)
         self.id = new_point_id(self.created_at)
@@ -116,7 +121,8 @@ class PointWriter:
         :param capacity_bytes: disk size in bytes (>= 0); the map has
             ``ceil(capacity_bytes / block_size)`` entries.
         :param change_id: the disk's CBT changeId at this snapshot, or None.
-        :param base_point: id of an earlier restore point of the same VM.
+        :param base_point: id of an earlier restore point of the same VM (same id, or a
+            format 1 point made under this VM's name).
         :raises ValueError: a negative capacity or a key already added.
         :raises RepositoryError: the writer is no longer open; ``base_point`` does not exist,
             belongs to another VM, lacks this disk key or has another capacity for it.
@@ -159,9 +165,10 @@ class PointWriter:
             base, maps = read_manifest(self._layout.find_manifest(base_point), self._block_size)
         except NotFoundError as exc:
             raise RepositoryError(f"base restore point {base_point} does not exist") from exc
-        if base.vm != self.vm:
+        if not base.of_vm(self.vm_id, self.vm):
             raise RepositoryError(
-                f"base restore point {base_point} belongs to VM {base.vm!r}, not {self.vm!r}"
+                f"base restore point {base_point} belongs to VM {base.vm!r} (id {base.vm_id}), not "
+                f"{self.vm!r} (id {self.vm_id})"
             )
         for disk, block_map in zip(base.disks, maps, strict=True):
             if disk.key == key:
@@ -203,6 +210,8 @@ class PointWriter:
             info = PointInfo(
                 id=self.id,
                 vm=self.vm,
+                vm_id=self.vm_id,
+                vm_config=self.vm_config,
                 job=self.job,
                 session=self.session,
                 mode=self.mode,
@@ -212,9 +221,9 @@ class PointWriter:
                 stored_bytes=stored_bytes,
                 bytes_read=self._bytes_read,
             )
-            make_private_dir(self._layout.vm_dir(self.vm))
+            make_private_dir(self._layout.vm_dir(self.vm_id, self.vm))
             write_manifest(
-                self._layout.manifest_path(self.vm, self.id),
+                self._layout.manifest_path(self.vm_id, self.vm, self.id),
                 tmp=self._staging.path / "manifest.tmp",
                 info=info,
                 block_size=self._block_size,

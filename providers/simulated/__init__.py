@@ -9,10 +9,14 @@ the guest wrote, reads are fast, and faults and slowness can be switched on from
 On-disk layout (folders 0700, files 0600; JSON written atomically, tmp + rename)::
 
     state_dir/
-      provider.json          counters (next VM and snapshot number), VM name → id index
-      provider.lock          flock: id allocation
-      vms/vm-<n>/            one folder per VM, named by its stable id, never by its name
-        vm.json              name, id, disks made so far: key, label, capacity_bytes, source
+      provider.json          counters (next VM and snapshot number), VM name → folder index
+      provider.lock          flock: folder and snapshot id allocation, renames, publishing
+                             created VMs
+      vms/vm-<n>/            one folder per VM, never renamed, never named by the VM's name
+        vm.json              name, uuid (the VM's stable id), disks made so far: key,
+                             label, capacity_bytes, source; for a VM made by create_vm also
+                             "created", power_state and its configuration
+      vms/.vm-<n>.creating/  a VM create_vm is building (flock'ed create.lock inside)
         vm.lock              flock: disk creation, snapshot creation and removal
         faults.json          armed faults {op: {permanent, remaining}}
         pauses.json          paused ops [op, ...]
@@ -23,9 +27,14 @@ On-disk layout (folders 0700, files 0600; JSON written atomically, tmp + rename)
         disk-<key>.lock      flock: guest writes exclusive, snapshot reads / CBT shared
         disk-<key>.cbt       CBT: 16-byte epoch, then (seq, offset, length) per guest write
         snapshots/snapshot-<n>/
-          snapshot.json      name, description, created_at, quiesced, each disk's changeId
+          snapshot.json      name, description, created_at, quiesced, each disk's changeId,
+                             the VM's configuration at the snapshot
           disk-<key>.cow     sparse: old content of saved grains, at their own offsets
           disk-<key>.map     generation counter + one bit per 1 MiB grain (saved or not)
+
+VMs: those the state folder holds, plus those the config declares that were not used yet (a
+declared VM is made on first use). A rename (``rename_vm``) changes the index and ``vm.json``'s
+name only; a VM made by ``create_vm`` (full-VM restore) exists in the state folder only.
 
 Disks: a disk declared as a size is an empty sparse file; one declared as an image path is
 copied sparsely into ``state_dir`` on first use, under the VM lock (the image is never

@@ -14,8 +14,9 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-from providers.base import Extent
+from providers.base import Extent, ProviderError
 from providers.simulated import _cow
 from providers.simulated._cbt import ChangeLog, merge_extents
 from providers.simulated._layout import DiskPaths, SnapshotPaths, VmPaths, locked, open_file
@@ -104,6 +105,29 @@ def import_image(source: Path, path: Path) -> int:
         return info.st_size
     finally:
         os.close(src)
+
+
+def fill_from_stream(path: Path, stream: BinaryIO, capacity: int, what: str) -> None:
+    """Create the disk ``path`` from exactly ``capacity`` bytes read sequentially from
+    ``stream``, sparsely (all-zero runs of 64 KiB are skipped). Whatever the stream raises
+    propagates unchanged.
+
+    :param what: the disk, for messages.
+    :raises ProviderError: the stream ended before ``capacity`` bytes.
+    :raises OSError: ``path`` cannot be written.
+    """
+    fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        position = 0
+        while position < capacity:
+            chunk = stream.read(min(_COPY_CHUNK, capacity - position))
+            if not chunk:
+                raise ProviderError(f"{what}: the data ended after {position} of {capacity} bytes")
+            _write_non_zero(fd, chunk, position)
+            position += len(chunk)
+        os.ftruncate(fd, capacity)
+    finally:
+        os.close(fd)
 
 
 def _write_non_zero(fd: int, chunk: bytes, offset: int) -> None:

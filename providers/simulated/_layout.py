@@ -17,17 +17,23 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from providers.base import ProviderError
+from providers.base import ProviderError, VmExists, VmNotFound
 
 _FORMAT = 1
 _COUNTER = struct.Struct("<Q")
 _SNAPSHOT_ID_PREFIX = "snapshot-"
+_CREATING_SUFFIX = ".creating"
+
+
+def creating_vm_id(folder_name: str) -> str:
+    """The VM id in the name of a folder :meth:`Layout.creating` made."""
+    return folder_name[1 : -len(_CREATING_SUFFIX)]
 
 
 def make_dir(path: Path) -> None:
@@ -217,7 +223,8 @@ def is_snapshot_id(text: str) -> bool:
 
 
 class Layout:
-    """The ``state_dir`` tree: the provider-wide counters and the VM name → id index.
+    """The ``state_dir`` tree: the provider-wide counters and the VM name → id index (the
+    index is what a VM's name means: a rename changes only the index entry and ``vm.json``).
 
     :param state_dir: the root folder; created (0700) if missing.
     """
@@ -229,25 +236,95 @@ class Layout:
         make_dir(state_dir)
         make_dir(state_dir / "vms")
 
+    def vm_id(self, vm_name: str) -> str | None:
+        """The folder (``vm-<n>``) of the VM called ``vm_name`` now, or None when the index
+        has no such name."""
+        return (read_json(self._index) or {}).get("vms", {}).get(vm_name)
+
+    def vm_names(self) -> dict[str, str]:
+        """Every VM name of the index with its folder: ``{name: "vm-<n>"}``."""
+        return dict((read_json(self._index) or {}).get("vms", {}))
+
     def vm_paths(self, vm_name: str) -> VmPaths:
         """The folder of VM ``vm_name``, allocating its id and creating the folder on first use.
 
-        :returns: paths whose ``root`` is ``vms/<vm id>``; ``root.name`` is the VM's id.
+        :returns: paths whose ``root`` is ``vms/vm-<n>`` (the VM's folder, never renamed).
         """
-        vm_id = (read_json(self._index) or {}).get("vms", {}).get(vm_name)
+        vm_id = self.vm_id(vm_name)
         if vm_id is None:
             with locked(self._lock, exclusive=True):
                 index = self._load()
                 vm_id = index["vms"].get(vm_name)
                 if vm_id is None:
-                    vm_id = f"vm-{index['next_vm']}"
-                    index["next_vm"] += 1
+                    vm_id = self._allocate(index)
                     paths = VmPaths(self.root / "vms" / vm_id)
                     make_dir(paths.root)
                     make_dir(paths.snapshots)
                     index["vms"][vm_name] = vm_id
                     write_json(self._index, index)
         return VmPaths(self.root / "vms" / vm_id)
+
+    def rename(self, old: str, new: str) -> str:
+        """Give the VM called ``old`` the name ``new`` in the index; its id and folder stay.
+
+        :returns: the VM's folder name.
+        :raises VmNotFound: the index has no VM ``old``.
+        :raises VmExists: ``new`` is in the index.
+        """
+        with locked(self._lock, exclusive=True):
+            index = self._load()
+            vm_id = index["vms"].get(old)
+            if vm_id is None:
+                raise VmNotFound(f"no VM named {old!r} in simulated hypervisor state {self.root}")
+            if new in index["vms"]:
+                raise VmExists(f"a VM named {new!r} exists in simulated hypervisor state {self.root}")
+            index["vms"][new] = index["vms"].pop(old)
+            write_json(self._index, index)
+        return vm_id
+
+    def new_vm_id(self) -> str:
+        """A folder name ``vm-<n>`` never handed out before by this ``state_dir`` (for a VM
+        being created; the index learns its name when :meth:`publish` adds it)."""
+        with locked(self._lock, exclusive=True):
+            index = self._load()
+            vm_id = self._allocate(index)
+            write_json(self._index, index)
+        return vm_id
+
+    def publish(self, vm_name: str, folder: Path, *, taken: Callable[[str], bool]) -> VmPaths:
+        """Make the complete VM folder ``folder`` (``vms/.<id>.creating``) the VM ``vm_name``:
+        rename it to ``vms/<id>`` and add the name to the index, in one step under the
+        provider lock.
+
+        :param taken: whether a name not in the index is taken anyway (declared in the
+            config); called with the provider lock held.
+        :raises VmExists: the name was taken meanwhile; ``folder`` is left as it is.
+        """
+        vm_id = creating_vm_id(folder.name)
+        with locked(self._lock, exclusive=True):
+            index = self._load()
+            if vm_name in index["vms"] or taken(vm_name):
+                raise VmExists(f"a VM named {vm_name!r} exists in simulated hypervisor state {self.root}")
+            final = VmPaths(self.root / "vms" / vm_id)
+            os.rename(folder, final.root)
+            index["vms"][vm_name] = vm_id
+            write_json(self._index, index)
+        return final
+
+    def creating(self, vm_id: str) -> Path:
+        """The folder a VM being created is built in: ``vms/.<id>.creating``."""
+        return self.root / "vms" / f".{vm_id}{_CREATING_SUFFIX}"
+
+    def creating_folders(self) -> list[Path]:
+        """The folders of VMs being created, or left half created by a process that died."""
+        folder = self.root / "vms"
+        return [folder / n for n in os.listdir(folder) if n.startswith(".") and n.endswith(_CREATING_SUFFIX)]
+
+    @staticmethod
+    def _allocate(index: dict[str, Any]) -> str:
+        vm_id = f"vm-{index['next_vm']}"
+        index["next_vm"] += 1
+        return vm_id
 
     def next_snapshot_id(self) -> str:
         """A snapshot id never handed out before by this ``state_dir``: ``snapshot-<n>``."""

@@ -8,11 +8,11 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 
 from providers.base import (
     CbtUnavailable,
@@ -24,9 +24,11 @@ from providers.base import (
     ProviderError,
     Snapshot,
     SnapshotError,
+    VmConfig,
     VmInfo,
+    VmNotFound,
 )
-from providers.simulated import _cow
+from providers.simulated import _cow, _create
 from providers.simulated._cbt import CbtState, ChangeLog
 from providers.simulated._disk import guest_write, in_use_extents
 from providers.simulated._errors import InvalidArgument
@@ -35,6 +37,7 @@ from providers.simulated._layout import (
     Layout,
     SnapshotPaths,
     VmPaths,
+    is_snapshot_id,
     locked,
     make_dir,
     read_json,
@@ -43,6 +46,7 @@ from providers.simulated._layout import (
 from providers.simulated._reader import Pacer, SnapshotDiskReader
 from providers.simulated._vms import Vm, VmCatalog
 from providers.simulated.config import SimulatedProviderConfig
+from providers.vm_config_json import config_from_json, config_to_json
 
 _MiB = 1 << 20
 _P = ParamSpec("_P")
@@ -72,8 +76,10 @@ class SimulatedProvider(Provider):
     """A hypervisor whose VMs, disks, snapshots, CBT logs and faults are files in
     ``config.state_dir``, shared by every process that opens the same folder.
 
-    VMs are the ones ``config.vms`` declares; a VM's disks are made (imported from their image,
-    or created empty) on first use. Safe to call from several threads and processes at once.
+    VMs are the ones the state folder holds (made from ``config.vms`` on their first use, disks
+    imported from their image or created empty; or made by :meth:`create_vm`), plus the ones
+    ``config.vms`` declares that were not used yet. Safe to call from several threads and
+    processes at once.
 
     :param name: the ``[providers.NAME]`` section's name, used in messages.
     :param config: the validated section; ``state_dir`` and image paths absolute.
@@ -90,7 +96,7 @@ class SimulatedProvider(Provider):
 
     @_maps_os_errors()
     def list_vms(self) -> list[VmInfo]:
-        """Every VM of the config, sorted by name, with live disks and changeIds.
+        """Every VM, sorted by name, with live disks and changeIds.
 
         :raises ProviderError: a VM's disk image cannot be imported.
         """
@@ -100,7 +106,7 @@ class SimulatedProvider(Provider):
     def find_vm(self, name: str) -> VmInfo:
         """The VM called ``name``, with live disks and changeIds.
 
-        :raises VmNotFound: the config declares no such VM.
+        :raises VmNotFound: no such VM.
         :raises ProviderError: its disk image cannot be imported.
         """
         return self._info(self._vms.get(name))
@@ -162,6 +168,7 @@ class SimulatedProvider(Provider):
                     "created_at": snapshot.created_at.isoformat(),
                     "quiesced": quiesce,
                     "disks": disks,
+                    "config": config_to_json(target.config),
                 },
             )
             os.rename(partial.root, target.paths.snapshot(snapshot.id).root)
@@ -174,12 +181,12 @@ class SimulatedProvider(Provider):
 
         Idempotent: a snapshot already gone is not an error (and fires no fault).
 
-        :raises VmNotFound: its VM is not in the config any more.
+        :raises VmNotFound: its VM does not exist any more.
         :raises SnapshotError: a permanent ``remove_snapshot`` fault is armed, or the id is not
             one this provider hands out.
         :raises TransientProviderError: a transient ``remove_snapshot`` fault is armed.
         """
-        target = self._vms.get(snapshot.vm_name)
+        target = self._owner(snapshot)
         folder = _snapshot_folder(target, snapshot)
         if not folder.root.exists():
             return
@@ -278,11 +285,62 @@ class SimulatedProvider(Provider):
                 raise SnapshotError(f"{what}: the snapshot was removed") from exc
             raise DiskReadError(f"{what}: cannot open the disk: {exc}") from exc
 
+    @_maps_os_errors()
+    def vm_config(self, snapshot: Snapshot) -> VmConfig:
+        """The VM's configuration when the snapshot was taken (kept in ``snapshot.json``):
+        guest OS, CPUs, memory, firmware, disks and NICs as the VM's config entry gives them
+        (see :class:`~providers.simulated.config.SimulatedVmConfig`), or as :meth:`create_vm`
+        stored them.
+
+        :raises SnapshotError: the snapshot does not exist (any more).
+        """
+        target, _, record = self._snapshot(snapshot)
+        if "config" not in record:  # a snapshot taken by a backupd that did not capture it
+            return target.config
+        try:
+            return config_from_json(record["config"])
+        except ValueError as exc:
+            raise ProviderError(f"snapshot {snapshot.id} of VM {target.name!r}: damaged configuration: {exc}") from exc
+
+    @_maps_os_errors()
+    def create_vm(
+        self,
+        config: VmConfig,
+        *,
+        name: str,
+        datastore: str | None,
+        disks: Mapping[int, BinaryIO],
+    ) -> VmInfo:
+        """Make a new, powered-off VM ``name`` from ``config`` in the state folder, its disks
+        filled from ``disks`` (keys, labels and sizes as ``config`` gives them), all or
+        nothing (see :mod:`providers.simulated._create`). The VM is then like any other:
+        listed, snapshotted, backed up; it is not in ``config.vms`` and needs not be.
+
+        :param datastore: ignored: the simulated hypervisor has one store, its state folder.
+        :raises VmExists: a VM ``name`` exists or ``config.vms`` declares one.
+        :raises ProviderError: a disk stream is missing or short, or the state folder cannot
+            be written; nothing was created.
+        """
+        _create.create_vm(self._layout, self._vms, config, name, disks)
+        return self.find_vm(name)
+
     def close(self) -> None:
         """Forget cached VM descriptions. Idempotent; open readers stay usable."""
         self._vms.forget()
 
     # -- administration (``backupd sim ...``) ----------------------------------------------
+
+    @_maps_os_errors()
+    def rename_vm(self, old: str, new: str) -> VmInfo:
+        """Rename a VM, as renaming it in vCenter does: its id, disks, snapshots and CBT stay,
+        so backupd's restore point chain goes on. A config entry still called ``old`` declares
+        a new VM from then on (made on first use): rename it in the config too.
+
+        :returns: the VM under its new name.
+        :raises VmNotFound: no VM ``old``.
+        :raises VmExists: a VM ``new`` exists.
+        """
+        return self._info(self._vms.rename(old, new))
 
     @_maps_os_errors()
     def write_data(self, vm_name: str, *, disk: int = 0, offset: int, data: bytes) -> Extent:
@@ -448,8 +506,17 @@ class SimulatedProvider(Provider):
             disks.append(Disk(record.key, record.label, record.capacity_bytes, change_id))
         return VmInfo(name=vm.name, id=vm.id, power_state=vm.power_state, disks=tuple(disks))
 
+    def _owner(self, snapshot: Snapshot) -> Vm:
+        """The VM a snapshot belongs to: the one whose folder holds it (whatever the VM is
+        called now: it may have been renamed since), else the one of the name it records.
+
+        :raises VmNotFound: neither exists.
+        """
+        holder = self._vms.holding(snapshot.id) if is_snapshot_id(snapshot.id) else None
+        return holder or self._vms.get(snapshot.vm_name)
+
     def _snapshot(self, snapshot: Snapshot) -> tuple[Vm, SnapshotPaths, dict[str, Any]]:
-        target = self._vms.get(snapshot.vm_name)
+        target = self._owner(snapshot)
         folder = _snapshot_folder(target, snapshot)
         record = read_json(folder.meta)
         if record is None:

@@ -50,8 +50,45 @@ def _disk(item: object) -> int | Path:
     return size
 
 
+def _memory(item: object) -> int:
+    """``memory``: a size string (``"4 GiB"``) or bytes; at least 4 MiB (vSphere's minimum),
+    at most 24 TiB (vSphere 8's most per VM)."""
+    if isinstance(item, str):
+        try:
+            size = int(_SIZE.validate_python(item))
+        except ValueError as exc:
+            raise ValueError(f"bad size string {item!r} (use e.g. '4 GiB')") from exc
+    elif isinstance(item, int) and not isinstance(item, bool):
+        size = item
+    else:
+        raise ValueError(f"memory is a size string or bytes, got {item!r}")
+    if not 4 << 20 <= size <= 24 << 40:
+        raise ValueError(f"memory {item!r} is out of range: 4 MiB to 24 TiB")
+    return size
+
+
 #: a disk: its size in bytes, or the image file to import
 Disk = Annotated[Union[int, Path], PlainValidator(_disk)]
+
+
+#: disk controller models and the kind of controller each is (vSphere's virtual controllers)
+CONTROLLER_KINDS = {
+    "pvscsi": "scsi", "lsilogic": "scsi", "lsilogic-sas": "scsi", "buslogic": "scsi",
+    "ahci": "sata", "nvme": "nvme", "ide": "ide",
+}
+
+
+class SimulatedNicConfig(BaseModel):
+    """One network adapter of a simulated VM: the network (port group) it is connected to."""
+
+    model_config = _FROZEN
+
+    network: Name
+    adapter_type: Literal["vmxnet3", "e1000e", "e1000", "vmxnet2", "pcnet32"] = "vmxnet3"
+
+
+def _default_nics() -> list[SimulatedNicConfig]:
+    return [SimulatedNicConfig(network="VM Network")]
 
 
 class SimulatedVmConfig(BaseModel):
@@ -62,6 +99,12 @@ class SimulatedVmConfig(BaseModel):
     sign and a digit, is read as a size; write ``"./1.img"`` for an image whose name starts so)
     or a number of bytes; from 1 byte to 62 TiB, vSphere's largest virtual disk
     (:data:`MAX_DISK_BYTES`).
+
+    The other keys are the VM's configuration as a snapshot captures it
+    (:meth:`~providers.base.Provider.vm_config`, stored with each restore point): the guest OS
+    (a vSphere ``guestId``), CPUs, memory (a size string or bytes), firmware, the disk
+    controller all disks sit on (SCSI units 0-6 and 8-15, unit 7 being the controller's own,
+    as in vSphere), whether disks are thin, and the network adapters.
     """
 
     model_config = _FROZEN
@@ -69,6 +112,13 @@ class SimulatedVmConfig(BaseModel):
     name: Name
     disks: list[Disk] = Field(min_length=1)
     power_state: Literal["poweredOn", "poweredOff", "suspended"] = "poweredOn"
+    guest_os: Name = "otherLinux64Guest"
+    cpus: int = Field(default=1, ge=1, le=768)  # 768: vSphere 8's most vCPUs per VM
+    memory: Annotated[int, PlainValidator(_memory)] = 1 << 30
+    firmware: Literal["bios", "efi"] = "bios"
+    disk_controller: Literal["pvscsi", "lsilogic", "lsilogic-sas", "buslogic", "ahci", "nvme", "ide"] = "pvscsi"
+    thin_disks: bool = True
+    nics: list[SimulatedNicConfig] = Field(default_factory=_default_nics)
 
 
 class SimulatedProviderConfig(BaseModel):

@@ -196,6 +196,12 @@ class VsphereProvider(Provider):
 
         return self.connection.call(operation, enable)
 
+    def notices(self) -> list[str]:
+        if self.config.insecure:
+            return [f"TLS certificate verification is OFF (insecure = true): anyone between backupd and"
+                    f" {self.config.host} can read the password and the disks"]
+        return []
+
     # -- disk data --------------------------------------------------------------------------------
 
     def open_disk(self, snapshot: Snapshot, disk: Disk) -> DiskReader:

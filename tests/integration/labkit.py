@@ -129,7 +129,7 @@ class Lab:
     # ---- config ---------------------------------------------------------------------------
 
     def configure(self, **changes: Any) -> None:
-        """(Re)write the config. Keys: ``vms`` ({name: "N MiB"}), ``jobs`` ({name: {key: value}}),
+        """(Re)write the config. Keys: ``vms`` ({name: "N MiB" or a disk image Path}), ``jobs`` ({name: {key: value}}),
         ``read_mib_per_s``, ``snapshot_create_seconds``, ``snapshot_remove_seconds``. Keys not
         given keep their previous value, so a test can change a throttle between sessions.
 
@@ -152,8 +152,9 @@ class Lab:
             ),
         ]
         for name, size in s["vms"].items():
-            parts.append(f"[[providers.lab.vms]]\nname = {_toml_value(name)}\ndisks = [{_toml_value(size)}]\n")
-            self.disks.setdefault(name, bytearray(_parse_mib(size)))
+            parts.append(f"[[providers.lab.vms]]\nname = {_toml_value(name)}\ndisks = [{_toml_value(str(size))}]\n")
+            if not isinstance(size, Path):  # a disk image's bytes are the test's own business
+                self.disks.setdefault(name, bytearray(_parse_mib(size)))
         for name, job in s["jobs"].items():
             values = {"provider": "lab", "repository": "local", "retry": {"attempts": 3, "wait_seconds": 0}}
             values.update(job)

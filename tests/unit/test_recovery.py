@@ -52,7 +52,7 @@ def _dead_pid() -> int:
 
 def _commit_point(config: Config, vm: str, session: int) -> str:
     repository = config.repositories["local"].open(create=True)
-    with repository.new_point(vm=vm, job="nightly", session=str(session), mode="full") as writer:
+    with repository.new_point(vm=vm, vm_id=vm, job="nightly", session=str(session), mode="full") as writer:
         disk = writer.add_disk(key=2000, label="Hard disk 1", capacity_bytes=1 << 20, change_id=None)
         disk.put_block(0, b"\x07" * (1 << 20))
         return writer.commit().id

@@ -21,7 +21,7 @@ import zstandard
 
 from backupd.errors import RepositoryError
 from backupd.repository import Repository, _restore, _writer, image_name
-from backupd.repository._layout import vm_key
+from backupd.repository._layout import FORMAT_VERSION, vm_key
 from test_repository_points import BS, backup, disk_image, make_repo, restore_bytes
 
 
@@ -47,7 +47,7 @@ def test_retention_keeps_the_newest_points_of_one_vm_and_job_and_gc_keeps_shared
     other_vm = backup(repo, "b", {1: disk_image(41, 2)})
     before = block_files(repo)
 
-    removed = repo.apply_retention(vm="a", job="nightly", keep=2)
+    removed = repo.apply_retention(vm_id="a", vm="a", job="nightly", keep=2)
 
     assert removed == [nightly[1].id, nightly[0].id]
     assert [p.id for p in repo.points(vm="a", job="nightly")] == [nightly[3].id, nightly[2].id]
@@ -61,7 +61,7 @@ def test_retention_keeps_the_newest_points_of_one_vm_and_job_and_gc_keeps_shared
 
 def test_retention_rejects_keeping_nothing(tmp_path):
     with pytest.raises(ValueError):
-        make_repo(tmp_path).apply_retention(vm="a", job="nightly", keep=0)
+        make_repo(tmp_path).apply_retention(vm_id="a", vm="a", job="nightly", keep=0)
 
 
 def test_gc_reports_what_it_freed(tmp_path):
@@ -70,7 +70,7 @@ def test_gc_reports_what_it_freed(tmp_path):
     backup(repo, "a", {1: disk_image(43, 3)})
     sizes = sum(path.stat().st_size for path in block_files(repo))
 
-    repo.apply_retention(vm="a", job="nightly", keep=1)
+    repo.apply_retention(vm_id="a", vm="a", job="nightly", keep=1)
     again = repo.collect_garbage()
 
     assert (again.removed_blocks, again.freed_bytes, again.deferred) == (0, 0, False)
@@ -83,10 +83,10 @@ def test_gc_is_deferred_while_a_writer_is_open_and_keeps_what_it_deduplicated_ag
     old = backup(repo, "a", {1: old_image})
     backup(repo, "a", {1: disk_image(51, 3)})
     before = block_files(repo)
-    with repo.new_point(vm="a", job="nightly", session="s", mode="incremental") as writer:
+    with repo.new_point(vm="a", vm_id="a", job="nightly", session="s", mode="incremental") as writer:
         writer.add_disk(key=1, label="d", capacity_bytes=len(old_image), change_id=None, base_point=old.id)
 
-        assert repo.apply_retention(vm="a", job="nightly", keep=1) == [old.id]
+        assert repo.apply_retention(vm_id="a", vm="a", job="nightly", keep=1) == [old.id]
         result = repo.collect_garbage()
 
         assert result.deferred is True and result.removed_blocks == 0
@@ -100,12 +100,12 @@ def test_a_deferred_gc_runs_on_the_next_retention_even_if_that_deletes_nothing(t
     repo = make_repo(tmp_path)
     backup(repo, "a", {1: disk_image(52, 2)})
     backup(repo, "a", {1: disk_image(53, 2)})
-    writer = repo.new_point(vm="z", job="other", session="s", mode="full")
-    repo.apply_retention(vm="a", job="nightly", keep=1)
+    writer = repo.new_point(vm="z", vm_id="z", job="other", session="s", mode="full")
+    repo.apply_retention(vm_id="a", vm="a", job="nightly", keep=1)
     assert len(block_files(repo)) == 4
     writer.abort()
 
-    assert repo.apply_retention(vm="a", job="nightly", keep=1) == []
+    assert repo.apply_retention(vm_id="a", vm="a", job="nightly", keep=1) == []
 
     assert len(block_files(repo)) == 2
 
@@ -184,7 +184,7 @@ CRASHING_WRITER = textwrap.dedent(
     from pathlib import Path
     from backupd.repository import Repository
     repo = Repository.open(Path(sys.argv[1]))
-    writer = repo.new_point(vm="vm", job="j", session="s", mode="full")
+    writer = repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="full")
     disk = writer.add_disk(key=1, label="d", capacity_bytes=3 * 4096, change_id=None)
     for i in range(3):
         disk.put_block(i, os.urandom(4096))
@@ -214,7 +214,7 @@ def test_open_leaves_the_staging_of_live_writers_and_other_hosts_alone(tmp_path)
     foreign = repo.path / "staging" / "20200101T000000.000000Z-0000abcd"
     foreign.mkdir()
     (foreign / "owner").write_text(json.dumps({"host": socket.gethostname() + "-elsewhere", "pid": 1}))
-    with repo.new_point(vm="vm", job="j", session="s", mode="full") as writer:
+    with repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="full") as writer:
         writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None).put_block(0, disk_image(70, 1))
 
         Repository.open(repo.path)
@@ -228,8 +228,8 @@ def test_open_leaves_the_staging_of_live_writers_and_other_hosts_alone(tmp_path)
 def test_two_writers_of_the_same_new_blocks_both_commit(tmp_path):
     repo = make_repo(tmp_path)
     image = disk_image(71, 4)
-    first = repo.new_point(vm="a", job="j", session="s", mode="full")
-    second = repo.new_point(vm="b", job="j", session="s", mode="full")
+    first = repo.new_point(vm="a", vm_id="a", job="j", session="s", mode="full")
+    second = repo.new_point(vm="b", vm_id="b", job="j", session="s", mode="full")
     for writer in (first, second):
         disk = writer.add_disk(key=1, label="d", capacity_bytes=len(image), change_id=None)
         for i in range(4):
@@ -250,12 +250,12 @@ CONCURRENT_WRITER = textwrap.dedent(
     repo = Repository.open(Path(sys.argv[1]))
     image = Path(sys.argv[2]).read_bytes()
     for round in range(3):
-        with repo.new_point(vm=sys.argv[3], job="j", session=str(round), mode="full") as writer:
+        with repo.new_point(vm=sys.argv[3], vm_id=sys.argv[3], job="j", session=str(round), mode="full") as writer:
             disk = writer.add_disk(key=1, label="d", capacity_bytes=len(image), change_id=None)
             for i in range(len(image) // 4096):
                 disk.put_block(i, image[i * 4096 : (i + 1) * 4096])
             writer.commit()
-        repo.apply_retention(vm=sys.argv[3], job="j", keep=1)
+        repo.apply_retention(vm_id=sys.argv[3], vm=sys.argv[3], job="j", keep=1)
     """
 )
 
@@ -481,7 +481,7 @@ def test_a_restore_into_a_folder_without_flock_still_restores(tmp_path, monkeypa
 # ---- opening ----------------------------------------------------------------------------------
 
 
-CONFIG = {"format": "backupd-repository", "version": 1, "block_size": BS, "hash": "blake3", "compression": "zstd"}
+CONFIG = {"format": "backupd-repository", "version": FORMAT_VERSION, "block_size": BS, "hash": "blake3", "compression": "zstd"}
 
 
 def test_create_writes_the_repository_config_and_an_existing_repository_keeps_its_block_size(tmp_path):
@@ -512,7 +512,7 @@ def test_create_refuses_a_folder_with_other_contents(tmp_path):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({**CONFIG, "version": 2}, "newer"),
+        ({**CONFIG, "version": FORMAT_VERSION + 1}, "newer"),
         ({**CONFIG, "hash": "sha1"}, "unsupported"),
         ({"format": "something-else"}, "malformed"),
         ("not json", "malformed"),
@@ -549,7 +549,7 @@ def test_no_vm_name_makes_the_repository_write_outside_its_root(tmp_path, vm):
     assert sorted(os.listdir(tmp_path)) == ["out", "repo"]
     assert restored.parent == tmp_path / "out" and restored.read_bytes() == image
     [folder] = os.listdir(repo.path / "points")
-    assert folder == vm_key(vm) and len(folder) <= 57 and not folder.startswith(".")
+    assert folder == vm_key(f"id:{vm}") and len(folder) <= 57 and not folder.startswith(".")
     assert set(folder) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
     assert [p.vm for p in repo.points(vm=vm)] == [vm]
 
@@ -569,8 +569,8 @@ def test_files_are_0600_and_folders_0700_whatever_the_umask(tmp_path):
         repo = Repository.open(tmp_path / "repo", create=True, block_size=BS)
         old = backup(repo, "vm", {1: disk_image(90, 3, zero_blocks=(1,))})
         backup(repo, "vm", {1: disk_image(91, 3)})
-        repo.apply_retention(vm="vm", job="nightly", keep=1)
-        with repo.new_point(vm="vm", job="nightly", session="s", mode="full") as writer:
+        repo.apply_retention(vm_id="vm", vm="vm", job="nightly", keep=1)
+        with repo.new_point(vm="vm", vm_id="vm", job="nightly", session="s", mode="full") as writer:
             writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None).put_block(0, disk_image(92, 1))
             check_modes(repo.path)  # staging too
         repo.restore(repo.points()[0].id, tmp_path / "restored")

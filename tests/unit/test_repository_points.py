@@ -20,6 +20,7 @@ import pytest
 from backupd.enums import TransferMode
 from backupd.errors import NotFoundError, RepositoryCorruptError, RepositoryError
 from backupd.repository import PointDisk, PointInfo, Repository, image_name
+from providers.base import VmConfig
 
 BS = 4096
 ABSENT_POINT = "20200101T000000.000000Z-00000000"
@@ -50,13 +51,17 @@ def backup(
     job: str = "nightly",
     base: str | None = None,
     changed: list[int] | None = None,
+    vm_id: str | None = None,
+    vm_config: VmConfig | None = None,
 ) -> PointInfo:
-    """Write one restore point with a disk per ``images`` entry (key → bytes).
+    """Write one restore point with a disk per ``images`` entry (key → bytes), of the VM id
+    ``vm_id`` (default: the name).
 
     Without ``changed`` every block is put (a full transfer); with it only those indexes.
     """
     mode = "full" if base is None else "incremental"
-    with repo.new_point(vm=vm, job=job, session="session-1", mode=mode) as writer:
+    with repo.new_point(vm=vm, vm_id=vm_id or vm, vm_config=vm_config, job=job, session="session-1",
+                        mode=mode) as writer:
         for key, image in images.items():
             disk = writer.add_disk(
                 key=key, label=f"Hard disk {key}", capacity_bytes=len(image), change_id=f"cid-{key}", base_point=base
@@ -127,7 +132,7 @@ def test_identical_point_stores_nothing_new_even_for_another_vm(tmp_path):
 def test_put_block_returns_compressed_bytes_staged_and_zero_for_zero_or_known_blocks(tmp_path):
     repo = make_repo(tmp_path)
     block = b"abc" * (BS // 3) + b"x"
-    with repo.new_point(vm="vm", job="j", session="s", mode="full") as writer:
+    with repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="full") as writer:
         disk = writer.add_disk(key=1, label="d", capacity_bytes=3 * BS, change_id=None)
         written = disk.put_block(0, block)
         assert 0 < written < BS  # compressed
@@ -167,21 +172,21 @@ def test_incremental_point_is_complete_base_plus_changes(tmp_path):
 def test_incremental_base_must_match_vm_disk_and_capacity(tmp_path, base_vm, key, capacity, message):
     repo = make_repo(tmp_path)
     base = backup(repo, base_vm, {2000: disk_image(9, 4)})
-    with repo.new_point(vm="vm", job="j", session="s", mode="incremental") as writer:
+    with repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="incremental") as writer:
         with pytest.raises(RepositoryError, match=message):
             writer.add_disk(key=key, label="d", capacity_bytes=capacity, change_id=None, base_point=base.id)
 
 
 def test_incremental_from_a_missing_base_point_is_a_repository_error(tmp_path):
     repo = make_repo(tmp_path)
-    with repo.new_point(vm="vm", job="j", session="s", mode="incremental") as writer:
+    with repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="incremental") as writer:
         with pytest.raises(RepositoryError, match="does not exist"):
             writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None, base_point=ABSENT_POINT)
 
 
 def test_put_block_rejects_wrong_index_or_length(tmp_path):
     repo = make_repo(tmp_path)
-    with repo.new_point(vm="vm", job="j", session="s", mode="full") as writer:
+    with repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="full") as writer:
         disk = writer.add_disk(key=1, label="d", capacity_bytes=2 * BS + 10, change_id=None)
         for index, data in [(3, bytes(10)), (-1, bytes(BS)), (0, bytes(BS - 1)), (2, bytes(BS))]:
             with pytest.raises(ValueError):
@@ -193,7 +198,7 @@ def test_put_block_rejects_wrong_index_or_length(tmp_path):
 def test_no_manifest_exists_until_commit(tmp_path):
     repo = make_repo(tmp_path)
     image = disk_image(10, 4)
-    with repo.new_point(vm="vm", job="j", session="s", mode=TransferMode.FULL) as writer:
+    with repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode=TransferMode.FULL) as writer:
         put_all(writer.add_disk(key=1, label="d", capacity_bytes=len(image), change_id=None), image, range(4))
         assert repo.points() == []
         assert not list((repo.path / "points").rglob("*.manifest"))
@@ -205,7 +210,7 @@ def test_no_manifest_exists_until_commit(tmp_path):
 
 def test_abort_leaves_no_point_no_staging_and_refuses_further_puts(tmp_path):
     repo = make_repo(tmp_path)
-    writer = repo.new_point(vm="vm", job="j", session="s", mode="full")
+    writer = repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="full")
     disk = writer.add_disk(key=1, label="d", capacity_bytes=2 * BS, change_id=None)
     disk.put_block(0, disk_image(11, 1))
 
@@ -223,7 +228,7 @@ def test_abort_leaves_no_point_no_staging_and_refuses_further_puts(tmp_path):
 def test_an_exception_inside_the_writer_block_aborts(tmp_path):
     repo = make_repo(tmp_path)
     with pytest.raises(RuntimeError):
-        with repo.new_point(vm="vm", job="j", session="s", mode="full") as writer:
+        with repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="full") as writer:
             writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None).put_block(0, disk_image(13, 1))
             raise RuntimeError("transfer failed")
     assert repo.points() == [] and os.listdir(repo.path / "staging") == []
@@ -232,7 +237,7 @@ def test_an_exception_inside_the_writer_block_aborts(tmp_path):
 def test_commit_refuses_while_put_block_calls_run(tmp_path):
     repo = make_repo(tmp_path)
     entered, release = threading.Event(), threading.Event()
-    with repo.new_point(vm="vm", job="j", session="s", mode="full") as writer:
+    with repo.new_point(vm="vm", vm_id="vm", job="j", session="s", mode="full") as writer:
         disk = writer.add_disk(key=1, label="d", capacity_bytes=BS, change_id=None)
         store = disk._store
         original = store.stage
@@ -265,8 +270,8 @@ def test_points_filter_by_vm_and_job_newest_first(tmp_path):
     assert [p.id for p in repo.points(vm="a")] == [a3.id, a2.id, a1.id]
     assert [p.id for p in repo.points(job="nightly")] == [a3.id, b1.id, a1.id]
     assert [p.id for p in repo.points(vm="a", job="nightly")] == [a3.id, a1.id]
-    assert repo.base_point(vm="a", job="nightly") == (a3, [])
-    assert repo.base_point(vm="c", job="nightly") == (None, [])
+    assert repo.base_point(vm_id="a", vm="a", job="nightly") == (a3, [])
+    assert repo.base_point(vm_id="c", vm="c", job="nightly") == (None, [])
     assert repo.points(vm="nobody") == []
 
 

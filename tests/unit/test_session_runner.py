@@ -305,7 +305,8 @@ def test_graceful_stop_before_the_first_vm_starts_fails_the_session_as_canceled_
     taken, and the other session's lock untouched."""
     site.configure(max_parallel_vms=1)
     holder = site.store.create_session("other", ["vm-a"], full=False)
-    assert site.store.try_lock_vm("lab/vm-a", holder.id) is None  # type: ignore[arg-type]
+    lock_key = f"lab/{site.provider.find_vm('vm-a').id}"  # VM locks are keyed by provider and VM id
+    assert site.store.try_lock_vm(lock_key, holder.id) is None  # type: ignore[arg-type]
     session = site.start()
     site.wait_log(session.id, f"waiting for session {holder.id}, which is processing this VM")
     vm_a = site.tasks(session.id)["vm-a"]
@@ -318,7 +319,7 @@ def test_graceful_stop_before_the_first_vm_starts_fails_the_session_as_canceled_
     assert set(site.statuses(session.id).values()) == {TaskStatus.NOT_PROCESSED}
     assert all(task.snapshot_id is None for task in site.tasks(session.id).values())
     assert site.backupd_snapshots() == {}
-    assert site.store.try_lock_vm("lab/vm-a", session.id) == holder.id
+    assert site.store.try_lock_vm(lock_key, session.id) == holder.id
 
 
 def test_graceful_stop_once_the_first_snapshot_creation_has_begun_lets_that_vm_finish(site: Site) -> None:
@@ -474,3 +475,49 @@ def test_a_transient_read_fault_is_retried_and_a_permanent_one_fails_only_its_vm
     assert tasks["vm-b"].snapshot_removed is True and tasks["vm-b"].restore_point is None
     assert site.backupd_snapshots() == {}
     assert sorted(point_session for point_session in site.points().values()) == [str(session_id)] * 2
+
+
+def test_enable_cbt_is_asked_per_vm_and_a_refusal_only_warns(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given a job with ``enable_cbt`` (the default), when the provider switches CBT on for one VM
+    and refuses for another (a missing privilege), then the first VM's log says so, the second
+    ends ``warning`` naming the reason with its restore point made, and the third is untouched."""
+    from providers.base import ProviderError
+
+    asked: list[str] = []
+
+    def enable_cbt(self: SimulatedProvider, vm: Any) -> bool:
+        asked.append(vm.name)
+        if vm.name == "vm-b":
+            raise ProviderError("permission to perform this operation was denied")
+        return vm.name == "vm-a"
+
+    monkeypatch.setattr(SimulatedProvider, "enable_cbt", enable_cbt)
+    session_id, result = site.run()
+
+    assert sorted(asked) == VMS
+    tasks = site.tasks(session_id)
+    assert result == SessionResult.WARNING
+    assert tasks["vm-b"].status == TaskStatus.WARNING and tasks["vm-b"].restore_point is not None
+    assert "CBT could not be switched on" in (tasks["vm-b"].warning or "")
+    assert (tasks["vm-a"].status, tasks["vm-c"].status) == (TaskStatus.SUCCESS, TaskStatus.SUCCESS)
+    lines = [(line.vm, line.text) for line in site.store.log_lines(session_id)]
+    assert ("vm-a", "CBT switched on; it takes effect at this snapshot, so this transfer is full") in lines
+    assert not any(vm == "vm-c" and "CBT" in text for vm, text in lines)
+
+
+def test_a_job_without_enable_cbt_never_asks_and_provider_notices_reach_the_session_log(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given ``enable_cbt = false`` and a provider with a set-up warning (vSphere: TLS
+    verification off), then CBT is never switched on and the session log carries the warning."""
+    def refuse(self: SimulatedProvider, vm: Any) -> bool:
+        raise AssertionError("enable_cbt was called for a job with enable_cbt = false")
+
+    monkeypatch.setattr(SimulatedProvider, "enable_cbt", refuse)
+    monkeypatch.setattr(SimulatedProvider, "notices", lambda self: ["TLS certificate verification is OFF"])
+    site.configure(enable_cbt=False)
+    session_id, result = site.run()
+
+    assert result == SessionResult.SUCCESS
+    warnings = [line.text for line in site.store.log_lines(session_id) if line.level == "warning"]
+    assert warnings == ["provider lab: TLS certificate verification is OFF"]

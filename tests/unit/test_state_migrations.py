@@ -235,3 +235,22 @@ def test_a_new_sqlite_state_db_is_private_and_in_wal_mode(tmp_path: Path) -> Non
     assert oct(os.stat(tmp_path / "state.db").st_mode & 0o777) == oct(0o600)
     with create_engine(f"sqlite:///{tmp_path}/state.db").connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_revision_0003_gives_vm_tasks_a_vm_id_and_keeps_older_tasks(state_url: str) -> None:
+    """Given a DB at 0002 holding a VM task (tasks then knew their VM by name only), when
+    backupd opens it, then the task reads as before with no VM id, and new tasks record one."""
+    store = StateStore(state_url)
+    old = store.create_session("nightly", ["web"], full=False)
+    with store.engine.begin() as connection:
+        command.downgrade(migrations.alembic_config(connection), "0002")
+        assert "vm_id" not in {c["name"] for c in inspect(connection).get_columns("vm_task")}
+    store.close()
+
+    store = StateStore(state_url)
+    assert _revision(store) == migrations.HEAD
+    [task] = store.tasks(old.id)
+    assert (task.vm, task.vm_id) == ("web", None)
+    store.update_task(task.id, vm_id="4211c0de-5b39-8a0e-77f3-0123456789ab")
+    assert store.tasks(old.id)[0].vm_id == "4211c0de-5b39-8a0e-77f3-0123456789ab"
+    store.close()
