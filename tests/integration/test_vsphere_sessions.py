@@ -107,13 +107,17 @@ class VsphereLab:
 
 
 @pytest.fixture
-def vlab(lab: Lab, vcsim_factory, template_images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> VsphereLab:  # noqa: ANN001
+def vlab(request: pytest.FixtureRequest, lab: Lab, vcsim_factory, template_images: dict[str, Path],  # noqa: ANN001
+         monkeypatch: pytest.MonkeyPatch) -> VsphereLab:
+    """The lab on a launcher serving ``VMS`` on copies of the template images; CBT on unless
+    parametrized indirectly with ``{"cbt": False}``."""
+    cbt = getattr(request, "param", {}).get("cbt", True)
     images = {}
     for vm, template in template_images.items():
         images[vm] = lab.scratch / template.name
         subprocess.run(["cp", "--sparse=always", str(template), str(images[vm])], check=True)
     sim = vcsim_factory({"vms": [
-        {"name": vm, "folder": "prod", "cbt": True, "guest_id": "debian11_64Guest", "cpus": 2, "memory_mib": 1024,
+        {"name": vm, "folder": "prod", "cbt": cbt, "guest_id": "debian11_64Guest", "cpus": 2, "memory_mib": 1024,
          "disks": [{"image": str(images[vm])}], "nics": [{"network": "VM Network"}]} for vm in VMS
     ]})
     monkeypatch.setenv(PASSWORD_ENV, sim.password)
@@ -156,9 +160,6 @@ def test_full_then_incremental_through_cbt_restores_byte_identical_clean_filesys
 
 def test_full_vm_restore_to_the_simulator_reads_back_the_disk(vlab: VsphereLab) -> None:
     lab = vlab.lab
-    help_text = lab.run("restore", "--help").stdout
-    if "--to-provider" not in help_text:
-        pytest.skip("restore --to-provider is not on this branch yet (branch vmid)")
     vlab.configure(vms=("db-01",))
     lab.start_wait("nightly")
 
@@ -167,9 +168,29 @@ def test_full_vm_restore_to_the_simulator_reads_back_the_disk(vlab: VsphereLab) 
     state = vlab.sim.vm_state("db-01-restored")
     assert state["instance_uuid"] in json.dumps(doc), "the new VM's id is printed"
     assert state["power_state"] == "poweredOff"
-    assert vlab.sim.flat_file("db-01-restored").read_bytes() == vlab.images["db-01"].read_bytes()
+    restored = vlab.sim.flat_file("db-01-restored")
+    assert restored.read_bytes() == vlab.images["db-01"].read_bytes()
+    assert e2fsck_clean(restored)[0]
+    original = vlab.sim.vm_state("db-01")
+    assert [d["capacity_bytes"] for d in state["disks"]] == [d["capacity_bytes"] for d in original["disks"]]
     taken = lab.run("restore", "db-01", "--to-provider", "vc", "--as", "db-01-restored", "--json")
     assert taken.returncode == 73, describe(taken, "a taken name is refused with exit 73")
+
+
+@pytest.mark.parametrize("vlab", [{"cbt": False}], indirect=True)
+def test_enable_cbt_switches_tracking_on_so_the_second_session_is_incremental(vlab: VsphereLab) -> None:
+    lab = vlab.lab
+    assert vlab.sim.vm_state("db-01")["cbt_enabled"] is False
+    vlab.configure(vms=("db-01",))  # enable_cbt defaults to true
+
+    first = vms_by_name(lab.start_wait("nightly"))["db-01"]
+    assert first["mode"] == "full"
+    assert vlab.sim.vm_state("db-01")["cbt_enabled"] is True
+    vlab.patch_file("db-01", seed=9)
+    second = vms_by_name(lab.start_wait("nightly"))["db-01"]
+
+    assert second["mode"] == "incremental" and 0 < second["bytes_read"] <= PATCH_SIZE
+    assert vlab.restore_image("db-01").read_bytes() == vlab.images["db-01"].read_bytes()
 
 
 def _wait_creating(vlab: VsphereLab, vm: str) -> None:
