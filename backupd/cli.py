@@ -610,6 +610,53 @@ def daemon_status(ctx: _Context, as_json: bool) -> None:
         click.echo(daemon_text(document))
 
 
+# -- backup proxies -----------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--pool", default="default", show_default=True, type=TEXT, help="The proxy pool whose VM tasks it takes.")
+@click.option("--max-tasks", type=click.IntRange(1, 1024), default=None,
+              help="VM tasks it runs at most at once (default: the number of cores).")
+@click.option("--host-id", type=TEXT, default=None,
+              help="The name it records as its host (default: $BACKUPD_HOST_ID, else the hostname).")
+@click.pass_context
+def proxy(click_ctx: click.Context, pool: str, max_tasks: int | None, host_id: str | None) -> None:
+    """Run a backup proxy in the foreground: a Celery worker taking the VM tasks of a pool
+    from the broker of [proxies]; `list` shows the proxies.
+
+    SIGTERM or Ctrl-C: take no new VM task, let those running finish; a second Ctrl-C (or
+    SIGQUIT): abandon them (their sessions find them "proxy lost").
+    """
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from backupd.proxy import run_proxy
+    from backupd.proxy_registry import host_id as default_host_id
+
+    configure_logging(daemon=True)
+    logging.getLogger("backupd.proxy").setLevel(logging.INFO)
+    service = click_ctx.find_object(_Context).service
+    sys.exit(run_proxy(service.config, pool=pool, max_tasks=max_tasks or os.cpu_count() or 1,
+                       host=host_id or default_host_id()))
+
+
+@proxy.command("list")
+@json_option
+@pass_ctx
+def proxy_list(ctx: _Context, as_json: bool) -> None:
+    """Backup proxies seen in the last minute: host, pid, pool, capacity, VM tasks running,
+    last heartbeat."""
+    from backupd.proxy_registry import LISTED_SECONDS, ProxyRegistry
+    from backupd.render import proxy_document, table
+
+    rows = [proxy_document(p) for p in ProxyRegistry(ctx.service.store).proxies(seen_within=LISTED_SECONDS)]
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(table(["HOST", "PID", "POOL", "STATUS", "RUNNING", "CAPACITY", "LAST HEARTBEAT"],
+                     ([r["host"], r["pid"], r["pool"], r["status"], r["running"], r["capacity"], r["heartbeat_at"]]
+                      for r in rows)))
+
+
 # -- snapshots ----------------------------------------------------------------------------------
 
 

@@ -114,6 +114,65 @@ class StateConfig(BaseModel):
         return make_url(self.url).set(password=password).render_as_string(hide_password=False)
 
 
+class ProxiesConfig(BaseModel):
+    """``[proxies]``: VM tasks run on backup proxies (``backupd proxy``) through a Celery broker
+    instead of inside the session's process (docs/scale-out.md). Absent: every VM task runs
+    in the session's process (the embedded default).
+
+    The broker's password is best kept out of the file: name an environment variable in
+    ``broker_password_env``; it is read when the broker is connected to and never printed.
+    PostgreSQL must be the state DB: the daemon, the sessions and the proxies share it.
+    """
+
+    model_config = _FROZEN
+
+    #: the Celery broker URL, e.g. ``amqp://guest@127.0.0.1:5672//`` (RabbitMQ)
+    broker: str
+    broker_password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    #: seconds a session waits for a live proxy of a job's pool before the VMs waiting for
+    #: one end ``failed``, 0 to 86,400 (default 600: ten minutes, a proxy host's reboot)
+    proxy_wait_seconds: float = Field(default=600.0, ge=0, le=86400, allow_inf_nan=False)
+
+    @field_validator("broker")
+    @classmethod
+    def _a_broker_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        if any(unicodedata.category(char) == "Cc" for char in url):
+            raise ValueError("a broker URL cannot contain control characters (NUL, newline ...)")
+        if urlsplit(url).scheme not in ("amqp", "amqps", "pyamqp", "redis", "rediss"):
+            raise ValueError("not a broker URL (e.g. 'amqp://guest@127.0.0.1:5672//', 'redis://127.0.0.1:6379/0')")
+        return url
+
+    def connect_url(self) -> str:
+        """The broker URL to connect with, the password from ``broker_password_env`` filled in.
+
+        :raises ConfigError: the environment variable is not set.
+        """
+        if self.broker_password_env is None:
+            return self.broker
+        from urllib.parse import quote, urlsplit, urlunsplit
+
+        password = os.environ.get(self.broker_password_env)
+        if password is None:
+            raise ConfigError("[proxies]", [("proxies.broker_password_env", None,
+                                             f"environment variable {self.broker_password_env} is not set")])
+        parts = urlsplit(self.broker)
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def safe_url(self) -> str:
+        """The broker URL with any password hidden, for messages."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.broker)
+        if parts.password is None:
+            return self.broker
+        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
 class RepositoryConfig(BaseModel):
     """``[repositories.NAME]``: a deduplicating repository on a local or mounted filesystem."""
 
@@ -192,6 +251,8 @@ class JobConfig(BaseModel):
     auto_retry: AutoRetryConfig | None = None
     #: apprise URLs told when a session of this job ends
     notify: list[str] = Field(default_factory=list)
+    #: the backup proxies that run this job's VM tasks, when ``[proxies]`` is set
+    proxy_pool: Name = "default"
 
     @field_validator("notify")
     @classmethod
@@ -216,6 +277,7 @@ class _Document(BaseModel):
 
     state: StateConfig = StateConfig()
     daemon: DaemonConfig = DaemonConfig()
+    proxies: ProxiesConfig | None = None
     providers: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     repositories: dict[Name, RepositoryConfig] = Field(default_factory=dict)
     jobs: dict[Name, JobConfig] = Field(default_factory=dict)
@@ -234,6 +296,8 @@ class Config(BaseModel):
     source: bytes = Field(default=b"", repr=False)
     state: StateConfig
     daemon: DaemonConfig = DaemonConfig()
+    #: backup proxies; None: VM tasks run in the session's process
+    proxies: ProxiesConfig | None = None
     providers: dict[str, BaseModel]
     repositories: dict[str, RepositoryConfig]
     jobs: dict[str, JobConfig]
@@ -326,6 +390,7 @@ def load_config(path: Path, *, data: bytes | None = None) -> Config:
     if secret is not None and secret not in os.environ:
         problems.append(("state.password_env", locate(("state", "password_env")),
                          f"environment variable {secret} is not set"))
+    problems.extend(_proxies_problems(doc, locate))
     for name, job in doc.jobs.items():
         if job.provider not in doc.providers:
             problems.append(
@@ -349,8 +414,28 @@ def load_config(path: Path, *, data: bytes | None = None) -> Config:
         repositories={name: _resolve_paths(repo, base) for name, repo in doc.repositories.items()},
         jobs=dict(doc.jobs),
         daemon=doc.daemon,
+        proxies=doc.proxies,
         source=data,
     )
+
+
+def _proxies_problems(doc: _Document, locate: Any) -> list[tuple[str, int | None, str]]:
+    """``[proxies]`` needs the state DB every proxy reaches (PostgreSQL), and its broker
+    password variable set."""
+    from sqlalchemy.engine import make_url
+
+    if doc.proxies is None:
+        return []
+    problems = []
+    if make_url(doc.state.url).get_backend_name() != "postgresql":
+        problems.append(("proxies", locate(("proxies",)),
+                         "backup proxies need a PostgreSQL state DB that the daemon and every proxy reach "
+                         f"([state] url is {make_url(doc.state.url).get_backend_name()})"))
+    secret = doc.proxies.broker_password_env
+    if secret is not None and secret not in os.environ:
+        problems.append(("proxies.broker_password_env", locate(("proxies", "broker_password_env")),
+                         f"environment variable {secret} is not set"))
+    return problems
 
 
 def _chain_problems(jobs: dict[str, JobConfig], name: str, locate: Any) -> list[tuple[str, int | None, str]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
 from backupd.config import Config
@@ -147,7 +147,7 @@ class SessionRunner:
     # -- the work -----------------------------------------------------------------------------
 
     def _process(self) -> None:
-        from backupd.vmtask import VmTask
+        from backupd.dispatch import open_dispatcher
         from providers import open_provider
 
         session_id = self.session.id
@@ -163,17 +163,15 @@ class SessionRunner:
             self.store.log(session_id, f"provider {provider.name}: {notice}", level="warning")
 
         slots = threading.Semaphore(self.job.max_parallel_vms)
-        workers = max(2, os.cpu_count() or 2)
         futures: list[Future[None]] = []
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix=f"session-{session_id}-block") as block_pool, \
-                    ThreadPoolExecutor(self.job.max_parallel_vms, thread_name_prefix=f"session-{session_id}-vm") as vm_pool:
+            # VM tasks run on threads here, or on backup proxies ([proxies]): backupd.dispatch
+            with open_dispatcher(self.config, self.store, self.session, self.stop, provider, repository) as dispatcher:
                 for row in self.store.tasks(session_id):
                     if not self._wait_for_vm_slot(slots):
                         self.store.update_task(row.id, status=TaskStatus.NOT_PROCESSED, stage=None)  # type: ignore[arg-type]
                         continue
-                    task = VmTask(self.config, self.store, self.session, row, self.stop, provider, repository, block_pool)
-                    future = vm_pool.submit(task.run)
+                    future = dispatcher.submit(row)
                     future.add_done_callback(lambda _f: slots.release())
                     futures.append(future)
                 for future in futures:

@@ -15,6 +15,7 @@ from backupd.state import JobSession, SessionLog, VmTask, as_utc
 if TYPE_CHECKING:
     from backupd.repository import DamagedPoint, PointInfo
     from backupd.service import Backupd
+    from backupd.state import Proxy
 
 
 def dumps(document: Any) -> str:
@@ -77,6 +78,7 @@ def task_document(task: VmTask) -> dict[str, Any]:
         "started_at": _time(task.started_at),
         "ended_at": _time(task.ended_at),
         "duration_seconds": _seconds(task.started_at, task.ended_at),
+        "proxy": {"host": task.proxy_host, "pid": task.proxy_pid} if task.proxy_pid is not None else None,
     }
 
 
@@ -223,14 +225,19 @@ def session_text(document: dict[str, Any]) -> str:
     lines.append(f"started {document['started_at']}  ended {document['ended_at'] or '-'}")
     lines.append("")
     rows = []
+    proxied = any(vm.get("proxy") for vm in document["vms"])
     for vm in document["vms"]:
         snapshot = vm["snapshot"]
         snap = "-" if not snapshot else f"{snapshot['id']} ({'removed' if snapshot['removed'] else 'NOT removed'})"
         rows.append([
             vm["name"], vm["status"], vm["mode"], f"{size(vm['bytes_read'])}/{size(vm['bytes_total'])}",
-            size(vm["bytes_stored"]), vm["restore_point"], snap, vm["error"] or vm["warning"],
+            size(vm["bytes_stored"]), vm["restore_point"], snap,
+            *([f"{vm['proxy']['host']} pid {vm['proxy']['pid']}" if vm.get("proxy") else None] if proxied else []),
+            vm["error"] or vm["warning"],
         ])
-    lines.append(table(["VM", "STATUS", "MODE", "READ", "STORED", "RESTORE POINT", "SNAPSHOT", "ERROR/WARNING"], rows))
+    headers = ["VM", "STATUS", "MODE", "READ", "STORED", "RESTORE POINT", "SNAPSHOT", *(["PROXY"] if proxied else []),
+               "ERROR/WARNING"]
+    lines.append(table(headers, rows))
     if document.get("log"):
         lines.append("")
         for line in document["log"]:
@@ -288,3 +295,12 @@ def daemon_text(document: dict[str, Any]) -> str:
         lines += ["", table(["SESSION", "JOB", "STATE", "STARTED"],
                             ([s["id"], s["job"], s["state"], s["started_at"]] for s in document["sessions"]))]
     return "\n".join(lines)
+
+
+def proxy_document(proxy: "Proxy") -> dict[str, Any]:
+    """A backup proxy as ``proxy list --json`` gives it."""
+    return {
+        "name": proxy.name, "host": proxy.host, "pid": proxy.pid, "pool": proxy.pool, "capacity": proxy.capacity,
+        "running": proxy.running, "peak_running": proxy.peak_running, "status": proxy.status, "note": proxy.note,
+        "started_at": _time(proxy.started_at), "heartbeat_at": _time(proxy.heartbeat_at),
+    }

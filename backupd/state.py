@@ -127,6 +127,11 @@ class VmTask(SQLModel, table=True):
     warning: str | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    #: when the task was handed to the broker for a backup proxy (None: it ran in the session's process)
+    dispatched_at: datetime | None = None
+    #: the backup proxy that processed it: its host id and process id
+    proxy_host: str | None = None
+    proxy_pid: int | None = None
 
 
 class SessionLog(SQLModel, table=True):
@@ -180,6 +185,30 @@ class JobSchedule(SQLModel, table=True):
     #: the schedule in words, e.g. "cron 30 22 * * 1-5 Europe/Berlin"
     schedule: str | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Proxy(SQLModel, table=True):
+    """A backup proxy (``backupd proxy``): one row per proxy process, beating every few
+    seconds, read by ``proxy list`` and by sessions looking for live proxies of a pool."""
+
+    __tablename__ = "proxy"
+
+    #: ``HOST/PID``
+    name: str = Field(primary_key=True)
+    host: str
+    pid: int
+    pool: str = Field(index=True)
+    #: VM tasks it runs at most at once (``--max-tasks``)
+    capacity: int
+    #: VM tasks running now, and the most it ever ran at once
+    running: int = 0
+    peak_running: int = 0
+    #: ``up``; ``paused`` (it cannot reach the broker or took no work for another reason, see
+    #: ``note``); ``stopped`` (it exited)
+    status: str = "up"
+    note: str | None = None
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -536,6 +565,46 @@ class StateStore:
         with self._session() as db:
             query = select(VmTask).where(VmTask.session_id == session_id).order_by(VmTask.position)  # type: ignore[arg-type]
             return list(db.exec(query))
+
+    def task(self, task_id: int) -> VmTask:
+        """:raises NotFoundError: no VM task with that id."""
+        with self._session() as db:
+            row = db.get(VmTask, task_id)
+        if row is None:
+            raise NotFoundError(f"no VM task {task_id}")
+        return row
+
+    def claim_task(self, task_id: int, *, host: str, pid: int) -> bool:
+        """Take a dispatched VM task for a backup proxy: one conditional ``UPDATE``, so a task
+        is claimed once, and never after its session gave up on it (a stop, no live proxy).
+
+        :returns: whether this proxy now runs it (False: it is no longer pending, or its
+            session has ended).
+        """
+        live = select(JobSession.id).where(JobSession.id == VmTask.session_id,
+                                           JobSession.state != SessionState.STOPPED).exists()
+        with self._session() as db:
+            claimed = db.exec(
+                update(VmTask)  # type: ignore[call-overload]
+                .where(VmTask.id == task_id, VmTask.status == TaskStatus.PENDING, live)
+                .values(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow(), proxy_host=host, proxy_pid=pid)
+            ).rowcount
+            db.commit()
+        return bool(claimed)
+
+    def end_pending_task(self, task_id: int, status: TaskStatus, error: str | None) -> bool:
+        """End a VM task no proxy has claimed yet (conditional on ``pending``).
+
+        :returns: whether it was still pending and is now ended.
+        """
+        with self._session() as db:
+            ended = db.exec(
+                update(VmTask)  # type: ignore[call-overload]
+                .where(VmTask.id == task_id, VmTask.status == TaskStatus.PENDING)
+                .values(status=status, error=error, stage=None, ended_at=utcnow())
+            ).rowcount
+            db.commit()
+        return bool(ended)
 
     def unremoved_snapshots(self, job: str) -> list[VmTask]:
         """VM tasks of the job's ended sessions whose snapshot was recorded but not removed

@@ -65,6 +65,11 @@ PROGRESS_SECONDS = 0.5
 LOCK_POLL_SECONDS = 0.5
 
 
+def vm_lock_key(provider: str, vm_id: str) -> str:
+    """The key of a VM's lock in the state DB (``PROVIDER/VM_ID``: a rename keeps it)."""
+    return f"{provider}/{vm_id}"
+
+
 class _NotStarted(Exception):
     """A stop came before this VM's snapshot creation began: the VM ends ``not_processed``."""
 
@@ -158,7 +163,7 @@ class VmTask:
         try:
             vm = self._retry(lambda: self.provider.find_vm(self.vm_name))
             self._update(vm_id=vm.id)
-            lock_key = f"{self.job.provider}/{vm.id}"
+            lock_key = vm_lock_key(self.job.provider, vm.id)
             self._wait_for_vm_lock(lock_key)
             try:
                 point_id, mode = self._process(vm)

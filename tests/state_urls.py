@@ -1,8 +1,10 @@
 """State DBs for tests: a SQLite file, or a fresh database on the PostgreSQL server at
-127.0.0.1:5432 (user ``postgres``, trust authentication), as CI provides.
+127.0.0.1:5432 (user ``postgres``, trust authentication), as CI provides; and the RabbitMQ
+broker at 127.0.0.1:5672 (guest/guest) the backup proxy tests need.
 
-PostgreSQL is a real service: when it is not reachable, a test needing it is skipped on a
-developer's machine but fails when ``CI`` is set, so CI never passes without running it.
+PostgreSQL and RabbitMQ are real services: when one is not reachable, a test needing it is
+skipped on a developer's machine but fails when ``CI`` is set, so CI never passes without
+running it.
 """
 
 from __future__ import annotations
@@ -60,3 +62,27 @@ def fresh_postgresql_database() -> Iterator[str]:
     finally:
         with _admin_connection() as admin:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+#: the broker of the backup proxy tests
+BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+_broker_reachable: bool | None = None
+
+
+def require_rabbitmq() -> None:
+    """Skip the test when RabbitMQ is not reachable; fail instead when ``CI`` is set."""
+    global _broker_reachable
+    if _broker_reachable is None:
+        from kombu import Connection
+
+        try:
+            with Connection(BROKER_URL, connect_timeout=5) as connection:
+                connection.ensure_connection(max_retries=1)
+            _broker_reachable = True
+        except Exception:  # noqa: BLE001 - any failure to connect means "not reachable"
+            _broker_reachable = False
+    if not _broker_reachable:
+        message = "RabbitMQ not reachable at 127.0.0.1:5672"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must run the backup proxy tests (.ci/run starts the broker)")
+        pytest.skip(message)

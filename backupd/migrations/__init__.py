@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 #: every revision of ``versions/``, oldest first
-REVISIONS = ("0001", "0002", "0003")
+REVISIONS = ("0001", "0002", "0003", "0004")
 #: the newest revision, the one this code reads and writes
 HEAD = REVISIONS[-1]
 #: the revision of the tables backupd made before it had migrations

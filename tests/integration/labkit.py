@@ -161,6 +161,8 @@ class Lab:
             parts.append(toml_table(f"jobs.{name}", values))
         if s.get("daemon"):
             parts.append(toml_table("daemon", s["daemon"]))
+        if s.get("proxies"):
+            parts.append(toml_table("proxies", s["proxies"]))
         self.config.write_text("\n".join(parts))
 
     def write_raw_config(self, text: str) -> None:

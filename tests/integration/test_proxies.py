@@ -1,0 +1,233 @@
+"""Backup proxies (``backupd proxy``) with real services: a PostgreSQL state DB, the RabbitMQ
+broker, sessions run by ``job start --wait`` and two or three proxy processes, each with its
+own host id. Outcomes are read through the CLI (``session show``, ``proxy list``) and polled,
+never slept for. Skipped without PostgreSQL or RabbitMQ, failed in CI."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from collections import defaultdict
+from datetime import datetime
+from typing import Any, Iterator
+
+import pytest
+
+from labkit import EXIT_FAILED, Background, Lab, describe, vms_by_name, wait_until
+from state_urls import BROKER_URL, require_rabbitmq
+
+pytestmark = pytest.mark.slow
+
+
+class ProxyProcess:
+    """A ``backupd proxy`` process of the lab."""
+
+    def __init__(self, lab: Lab, pool: str, max_tasks: int, host: str) -> None:
+        self.lab = lab
+        self.host = host
+        self.max_tasks = max_tasks
+        self.bg: Background = lab.popen("proxy", "--pool", pool, "--max-tasks", max_tasks, "--host-id", host)
+        self.pid = self.bg.proc.pid
+        wait_until(lambda: any(p["pid"] == self.pid and p["status"] == "up" for p in lab.run_json("proxy", "list")),
+                   what=f"proxy {host} to be up")
+
+    def log(self) -> str:
+        return self.bg._err.read_text()
+
+    def kill(self) -> None:
+        self.bg.proc.send_signal(signal.SIGKILL)
+        self.bg.proc.wait()
+
+
+@pytest.fixture
+def lab(tmp_path, postgresql_url) -> Iterator[Lab]:  # noqa: ANN001 - pytest fixtures
+    """A lab on PostgreSQL whose jobs use a pool of their own on the broker (so messages a
+    test leaves in a queue never reach another test's proxies)."""
+    require_rabbitmq()
+    the_lab = Lab(tmp_path, postgresql_url)
+    the_lab.pool = f"test-{secrets.token_hex(4)}"  # type: ignore[attr-defined]
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+@pytest.fixture
+def proxies(lab: Lab):  # noqa: ANN201 - yields a factory
+    started: list[ProxyProcess] = []
+
+    def start(max_tasks: int, host: str) -> ProxyProcess:
+        started.append(ProxyProcess(lab, lab.pool, max_tasks, host))  # type: ignore[attr-defined]
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        if proxy.bg.proc.poll() is None:
+            proxy.bg.proc.send_signal(signal.SIGTERM)
+            try:
+                proxy.bg.proc.wait(timeout=60)
+            except Exception:  # noqa: BLE001 - a hung proxy is killed
+                proxy.kill()
+
+
+def _configure(lab: Lab, vms: dict[str, str], *, proxy_wait_seconds: float = 600, **job: Any) -> None:
+    lab.configure(
+        vms=vms,
+        jobs={"nightly": {"vms": list(vms), "proxy_pool": lab.pool, **job}},  # type: ignore[attr-defined]
+        proxies={"broker": BROKER_URL, "proxy_wait_seconds": proxy_wait_seconds},
+    )
+
+
+def _peak_overlap(vms: list[dict[str, Any]]) -> dict[tuple[str, int], int]:
+    """Per proxy (host, pid), the most VM tasks whose [started, ended] overlapped."""
+    events: dict[tuple[str, int], list[tuple[datetime, int]]] = defaultdict(list)
+    for vm in vms:
+        key = (vm["proxy"]["host"], vm["proxy"]["pid"])
+        events[key].append((datetime.fromisoformat(vm["started_at"]), 1))
+        events[key].append((datetime.fromisoformat(vm["ended_at"]), -1))
+    peaks = {}
+    for key, moments in events.items():
+        running = peak = 0
+        for _at, step in sorted(moments, key=lambda e: (e[0], e[1])):  # an end before a start at the same instant
+            running += step
+            peak = max(peak, running)
+        peaks[key] = peak
+    return peaks
+
+
+def test_twelve_vms_spread_over_three_proxies_within_their_limits_restore_bit_for_bit(lab: Lab, proxies) -> None:  # noqa: ANN001
+    vms = {f"vm-{i:02d}": "4 MiB" for i in range(12)}
+    _configure(lab, vms, max_parallel_vms=6)
+    lab.configure(read_mib_per_s=8)  # ~0.5 s per VM, so tasks overlap
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+    started = [proxies(2, "host-a"), proxies(2, "host-b"), proxies(1, "host-c")]
+
+    doc = lab.start_wait("nightly")
+
+    assert doc["result"] == "success", doc
+    by_vm = vms_by_name(doc)
+    assert [vm["name"] for vm in doc["vms"]] == list(vms), "job order kept"
+    used = {(vm["proxy"]["host"], vm["proxy"]["pid"]) for vm in by_vm.values()}
+    assert used <= {(p.host, p.pid) for p in started} and len(used) >= 2, used
+    limits = {(p.host, p.pid): p.max_tasks for p in started}
+    for proxy, peak in _peak_overlap(doc["vms"]).items():
+        assert peak <= limits[proxy], f"proxy {proxy} ran {peak} VM tasks at once, more than --max-tasks {limits[proxy]}"
+    listed = {(p["host"], p["pid"]): p for p in lab.run_json("proxy", "list")}
+    for proxy, limit in limits.items():
+        assert listed[proxy]["capacity"] == limit and listed[proxy]["peak_running"] <= limit, listed[proxy]
+    text = lab.run("session", "show", doc["id"]).stdout
+    assert "PROXY" in text and "host-a pid" in text
+    for vm in vms:
+        point, image = lab.restore(vm)
+        assert point == by_vm[vm]["restore_point"]
+        assert image == bytes(lab.disks[vm]), f"{vm} restores bit for bit"
+    assert lab.backupd_snapshots() == {}
+
+
+def test_immediate_stop_cancels_every_vm_task_on_every_proxy(lab: Lab, proxies) -> None:  # noqa: ANN001
+    vms = {f"vm-{i}": "16 MiB" for i in range(8)}
+    _configure(lab, vms, max_parallel_vms=8)
+    lab.configure(read_mib_per_s=1)
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+    proxies(4, "host-a")
+    proxies(4, "host-b")
+    run = lab.popen("job", "start", "nightly", "--wait", "--json")
+    session = lab.wait_for_new_session("nightly")
+    lab.wait_for_vms_in_flight(session, list(vms), timeout=60)
+
+    asked = time.monotonic()
+    lab.run_json("job", "stop", "nightly", "--immediate")
+    doc = lab.wait_stopped(session)
+    took = time.monotonic() - asked
+
+    recorded = datetime.fromisoformat(doc["ended_at"]) - datetime.fromisoformat(doc["stop"]["requested_at"])
+    print(f"immediate stop of 8 VM tasks on 2 proxies: request to stopped {recorded.total_seconds():.2f} s as "
+          f"recorded in the state DB, {took:.2f} s as the CLI saw it")
+    run.finish_json(EXIT_FAILED)
+    assert doc["result"] == "failed"
+    assert {vm["status"] for vm in doc["vms"]} == {"cancelled"}, doc["vms"]
+    assert len({vm["proxy"]["host"] for vm in doc["vms"]}) == 2
+    assert all(vm["snapshot"]["removed"] for vm in doc["vms"]), doc["vms"]
+    assert lab.backupd_snapshots() == {}
+    assert lab.points(job="nightly") == []
+
+
+def test_graceful_stop_dispatches_nothing_more_and_lets_vm_tasks_in_flight_finish(lab: Lab, proxies) -> None:  # noqa: ANN001
+    vms = {f"vm-{i}": "16 MiB" for i in range(6)}
+    _configure(lab, vms, max_parallel_vms=2)
+    lab.configure(read_mib_per_s=1)  # 16 s in flight: room for the CLI's polls on a loaded machine
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+    proxies(1, "host-a")
+    proxies(1, "host-b")
+    run = lab.popen("job", "start", "nightly", "--wait", "--json")
+    session = lab.wait_for_new_session("nightly")
+    lab.wait_for_vms_in_flight(session, ["vm-0", "vm-1"], timeout=60)
+
+    lab.run_json("job", "stop", "nightly")
+    doc = lab.wait_stopped(session, timeout=90)
+
+    run.finish_json(1)
+    statuses = [vm["status"] for vm in doc["vms"]]
+    assert statuses == ["success", "success"] + ["not_processed"] * 4, statuses
+    assert doc["result"] == "warning"
+    assert lab.backupd_snapshots() == {}
+
+
+def test_a_proxy_killed_mid_task_fails_its_vms_and_the_session_goes_on(lab: Lab, proxies) -> None:  # noqa: ANN001
+    vms = {f"vm-{i}": "16 MiB" for i in range(4)}
+    _configure(lab, vms, max_parallel_vms=4)
+    lab.configure(read_mib_per_s=2)
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+    doomed = proxies(2, "host-doomed")
+    survivor = proxies(2, "host-survivor")
+    run = lab.popen("job", "start", "nightly", "--wait", "--json")
+    session = lab.wait_for_new_session("nightly")
+    lab.wait_for_vms_in_flight(session, list(vms), timeout=60)
+    on_doomed = [vm["name"] for vm in lab.session(session)["vms"] if vm["proxy"]["host"] == "host-doomed"]
+    assert on_doomed, "the doomed proxy holds VM tasks"
+
+    killed = time.monotonic()
+    doomed.kill()
+    doc = lab.wait_for_session(
+        session, lambda d: all(vms_by_name(d)[vm]["status"] == "failed" for vm in on_doomed), timeout=60,
+        what="the killed proxy's VM tasks to fail")
+    print(f"kill -9 of a proxy: its VM tasks failed after {time.monotonic() - killed:.1f} s")
+
+    doc = run.finish_json(EXIT_FAILED, timeout=120)
+    by_vm = vms_by_name(doc)
+    for vm in on_doomed:
+        assert by_vm[vm]["error"].startswith("proxy lost: proxy pid"), by_vm[vm]
+        assert by_vm[vm]["restore_point"] is None
+    for vm in set(vms) - set(on_doomed):
+        assert by_vm[vm]["status"] == "success" and by_vm[vm]["proxy"]["host"] == survivor.host
+    assert lab.backupd_snapshots() == {}, "the lost proxy's snapshots are removed"
+    assert {p["vm"] for p in lab.points(job="nightly")} == set(vms) - set(on_doomed), "no partial restore point"
+    assert not (lab.repo / "staging").exists() or not any((lab.repo / "staging").iterdir())
+
+    retry = lab.start_wait("nightly", "--retry")  # the VM locks were released
+    assert [vm["name"] for vm in retry["vms"]] == sorted(on_doomed)
+    assert {vm["status"] for vm in retry["vms"]} == {"success"}
+    assert {vm["proxy"]["host"] for vm in retry["vms"]} == {survivor.host}
+
+
+def test_a_pool_without_a_live_proxy_waits_then_fails_its_vms(lab: Lab) -> None:
+    _configure(lab, {"vm-0": "4 MiB", "vm-1": "4 MiB"}, proxy_wait_seconds=2)
+
+    doc = lab.start_wait("nightly", rc=EXIT_FAILED)
+
+    assert [vm["status"] for vm in doc["vms"]] == ["failed", "failed"]
+    assert all("no live backup proxy in pool" in vm["error"] for vm in doc["vms"]), doc["vms"]
+    assert any("no live backup proxy; waiting up to 2 s" in line["text"] for line in doc["log"])
+
+
+def test_proxies_need_a_postgresql_state_db(tmp_path) -> None:  # noqa: ANN001
+    lab = Lab(tmp_path)
+    lab.configure(vms={"vm-0": "4 MiB"}, jobs={"nightly": {"vms": ["vm-0"]}}, proxies={"broker": BROKER_URL})
+    proc = lab.run("job", "list")
+    assert proc.returncode == 78, describe(proc, "a config error")
+    assert "backup proxies need a PostgreSQL state DB" in proc.stderr
