@@ -37,15 +37,19 @@ test: $(STAMP) vsphere-deps
 	$(PY) -m pytest -q
 
 ## make vcsim: build and run the vSphere simulator in the foreground with contrib/vcsim/example-spec.json (Ctrl-C stops; VCSIM_ARGS=-tls for https)
+VCSIM_LISTEN ?= 127.0.0.1:8989
 vcsim: $(STAMP) vsphere-deps
 	@rm -rf .build/vcsim-datastore && mkdir -p .build/vcsim-datastore
 	@launcher="$$($(PY) -c 'import sys; sys.path.insert(0, "tests"); import vsphere_sim; print(vsphere_sim.build_launcher())')" \
-		&& exec "$$launcher" -spec contrib/vcsim/example-spec.json -dir .build/vcsim-datastore $(VCSIM_ARGS)
+		&& exec "$$launcher" -listen $(VCSIM_LISTEN) -spec contrib/vcsim/example-spec.json -dir .build/vcsim-datastore $(VCSIM_ARGS)
 
-## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL
-bench: $(STAMP)
+## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL; then the vSphere transport (simulator over http and https beside the simulated provider)
+bench: $(STAMP) vsphere-deps
 	$(PY) bench/run.py --lab bench-lab
 	$(PY) bench/daemon.py --lab bench-lab/daemon
+	@if $(PY) -c 'import sys; sys.path.insert(0, "tests"); import vsphere_sim; sys.exit(1 if vsphere_sim.unavailable_reason() else 0)'; \
+	then $(PY) bench/vsphere.py --lab bench-lab; \
+	else echo "make bench: bench/vsphere.py skipped: install $(VSPHERE_DEBS) for the vSphere transport figures" >&2; fi
 
 ## make bench-compare BASELINE=REV: the bench's backupd figures of commit REV and of the working tree, in one sitting
 bench-compare: $(STAMP)

@@ -205,6 +205,24 @@ class Vcsim:
         base = f"{self.protocol}://{self.host}:{self.port}"
         return f"{base}/folder/{path}?dcPath={self.datacenter}&dsName={self.datastore}"
 
+    def provider_values(self, password_env: str, *, trust: str = "thumbprint") -> dict[str, Any]:
+        """A ``[providers.NAME]`` section (``type = "vsphere"``) pointing at this launcher, the
+        password read from ``password_env`` (the caller sets it to :attr:`password`).
+
+        :param trust: with TLS, ``"thumbprint"`` (pin the certificate) or ``"ca_file"`` (its
+            PEM as the CA); ignored over http.
+        :raises ValueError: another ``trust``.
+        """
+        values: dict[str, Any] = {
+            "type": "vsphere", "host": self.host, "port": self.port, "user": self.user,
+            "password_env": password_env, "protocol": self.protocol, "datacenter": self.datacenter,
+        }
+        if self.tls:
+            if trust not in ("thumbprint", "ca_file"):
+                raise ValueError(f"trust must be 'thumbprint' or 'ca_file', not {trust!r}")
+            values[trust] = self.thumbprint if trust == "thumbprint" else self.cert_path
+        return values
+
     # -- control API ----------------------------------------------------------------
     def _control(self, call: str, body: dict[str, Any] | None = None) -> Any:
         request = urllib.request.Request(
@@ -253,8 +271,23 @@ class Vcsim:
     def state(self) -> dict[str, Any]:
         """{"vms": [{name, moref, instance_uuid, path, power_state, cbt_enabled,
         snapshots: [{name, moref}], disks: [{key, file, capacity_bytes, change_id}]}],
-        "files": [{path, size}], "faults": [...], "http_503": n, "slow_snapshot_seconds": s}"""
+        "files": [{path, size}], "faults": [...], "http_503": n, "slow_snapshot_seconds": s,
+        "creating_snapshots": {vm name: slow snapshot tasks still running}}"""
         return self._control("state")
+
+    def flat_file(self, vm: str, disk: int = 0) -> Path:
+        """The data extent (``-flat.vmdk``) of disk number ``disk`` (0-based, device order) of
+        VM ``vm``: a guest write is a write into it (for a spec ``image`` it is a symbolic link
+        to the image)."""
+        datastore_path = self.vm_state(vm)["disks"][disk]["file"]  # "[LocalDS_0] web/web.vmdk"
+        relative = datastore_path.split("] ", 1)[1]
+        return self.datastore_dir / (relative[: -len(".vmdk")] + "-flat.vmdk")
+
+    def guest_write(self, vm: str, disk: int, offset: int, data: bytes) -> None:
+        """Write ``data`` at byte ``offset`` of disk ``disk`` of VM ``vm``, as its guest would."""
+        with open(self.flat_file(vm, disk), "r+b") as f:
+            f.seek(offset)
+            f.write(data)
 
     def vm_state(self, name: str) -> dict[str, Any]:
         """The ``state()`` entry of the one VM named ``name`` (or with that inventory path)."""

@@ -196,13 +196,17 @@ func (r *Rig) state() interface{} {
 
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	creating := map[string]int{}
+	for name, n := range r.creating {
+		creating[name] = n
+	}
 	faults := []faultRule{}
 	for _, rule := range r.faults {
 		faults = append(faults, *rule)
 	}
 	return map[string]interface{}{
 		"vms": vms, "files": files, "faults": faults, "http_503": r.http503,
-		"slow_snapshot_seconds": r.snapshotDelay.Seconds(),
+		"slow_snapshot_seconds": r.snapshotDelay.Seconds(), "creating_snapshots": creating,
 	}
 }
 

@@ -33,6 +33,7 @@ type Rig struct {
 	faults         []*faultRule
 	http503        int                                              // /folder requests still to answer 503
 	snapshotDelay  time.Duration                                    // CreateSnapshot_Task runs this long
+	creating       map[string]int                                   // VM name → slow snapshot tasks still running
 	sessions       map[string]bool                                  // session cookies handed out by Login
 	tracking       map[types.ManagedObjectReference]*vmTracking     // CBT per VM
 	snapshots      map[types.ManagedObjectReference]*snapshotRecord // per snapshot

@@ -293,7 +293,13 @@ func (t *cancellableTask) runAfter(delay time.Duration, vm *backupdVM) {
 	case <-time.After(delay):
 	case <-t.cancel:
 	}
+	name := vm.Name
 	simulator.Map.WithLock(vm, func() { t.Task.Run() })
+	rig.mu.Lock()
+	if rig.creating[name]--; rig.creating[name] <= 0 {
+		delete(rig.creating, name)
+	}
+	rig.mu.Unlock()
 }
 
 // CancelTask cancels the task if it has not run yet (vSphere: Task.CancelTask).

@@ -157,6 +157,12 @@ func (vm *backupdVM) CreateSnapshotTask(ctx *simulator.Context, req *types.Creat
 		return body
 	}
 	cancel = newCancellableTask(task)
+	rig.mu.Lock()
+	if rig.creating == nil {
+		rig.creating = map[string]int{}
+	}
+	rig.creating[vm.Name]++
+	rig.mu.Unlock()
 	go cancel.runAfter(delay, vm)
 	body.Res.Returnval = task.Self
 	return body

@@ -37,7 +37,7 @@ from pyVim import connect
 from pyVmomi import vim
 
 from providers.base import ProviderError
-from providers.vsphere._errors import CertificateMismatch, Kind, Operation, fault_kind, translate
+from providers.vsphere._errors import CertificateMismatch, Operation, session_expired, translate
 from providers.vsphere.config import VsphereProviderConfig
 
 log = logging.getLogger("backupd.providers.vsphere")
@@ -162,7 +162,7 @@ class Connection:
             except ProviderError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every error is translated at this boundary
-                if attempt == 1 and self._session_expired(exc):
+                if attempt == 1 and session_expired(exc):
                     self.relogin(generation)
                     continue
                 raise translate(exc, operation) from exc
@@ -185,12 +185,6 @@ class Connection:
             raise
         except Exception as exc:  # noqa: BLE001
             raise translate(exc, Operation(f"connecting to vCenter {self.config.host} ({operation.what})")) from exc
-
-    @staticmethod
-    def _session_expired(exc: BaseException) -> bool:
-        from pyVmomi import vmodl
-
-        return isinstance(exc, vmodl.MethodFault) and fault_kind(type(exc))[0] is Kind.AUTH
 
     def _login(self) -> None:
         if self._closed:

@@ -182,6 +182,12 @@ def _vmodl_name(fault_type: type) -> str:
     return VmomiSupport.GetVmodlName(fault_type)
 
 
+def session_expired(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault saying the session is gone (``NotAuthenticated`` ...): the
+    caller logs in again and repeats the call."""
+    return isinstance(exc, vmodl.MethodFault) and fault_kind(type(exc))[0] is Kind.AUTH
+
+
 def http_status_kind(status: int) -> Kind:
     """The kind of an HTTP status of the datastore endpoint (``/folder``), for statuses that are
     not success (2xx)."""

@@ -88,11 +88,12 @@ class VsphereProvider(Provider):
 
     def create_snapshot(self, vm: VmInfo, *, name: str, description: str, quiesce: bool) -> Snapshot:
         moref = self._vm(vm)
+        pending: list[str] = []
         return self.connection.call(
             Operation(f"creating snapshot {name!r} of VM {vm.name!r}", failed=SnapshotError, gone=VmNotFound),
             lambda content: _snapshots.create(
-                content, moref, vm_name=vm.name, name=name, description=description, quiesce=quiesce,
-                timeout=self.config.task_timeout_seconds,
+                content, rebind(content, moref), vm_name=vm.name, name=name, description=description, quiesce=quiesce,
+                timeout=self.config.task_timeout_seconds, pending=pending,
             ),
         )
 
@@ -107,7 +108,7 @@ class VsphereProvider(Provider):
         moref = self._vm(vm)
         return self.connection.call(
             Operation(f"listing the snapshots of VM {vm.name!r}", gone=VmNotFound),
-            lambda content: _snapshots.list_snapshots(content, moref),
+            lambda content: _snapshots.list_snapshots(content, rebind(content, moref)),
         )
 
     def find_snapshot(self, snapshot_id: str) -> Snapshot:
@@ -167,7 +168,7 @@ class VsphereProvider(Provider):
         def query(content: vim.ServiceInstanceContent) -> list[Extent]:
             ref = _snapshots.snapshot_ref(content, snapshot.id)
             return _cbt.changed_areas(
-                lambda offset: props["vm"].QueryChangedDiskAreas(snapshot=ref, deviceKey=disk.key, startOffset=offset, changeId=since),
+                lambda offset: rebind(content, props["vm"]).QueryChangedDiskAreas(snapshot=ref, deviceKey=disk.key, startOffset=offset, changeId=since),
                 disk, since,
             )
 
@@ -185,10 +186,11 @@ class VsphereProvider(Provider):
         operation = Operation(f"switching CBT on for VM {vm.name!r}", gone=VmNotFound)
 
         def enable(content: vim.ServiceInstanceContent) -> bool:
-            for _, props in retrieve(content, [moref], vim.VirtualMachine, ["config.changeTrackingEnabled"]):
+            vm_ref = rebind(content, moref)
+            for _, props in retrieve(content, [vm_ref], vim.VirtualMachine, ["config.changeTrackingEnabled"]):
                 if props.get("config.changeTrackingEnabled"):
                     return False
-            task = moref.ReconfigVM_Task(spec=_cbt.enable_spec())
+            task = vm_ref.ReconfigVM_Task(spec=_cbt.enable_spec())
             _snapshots.wait_task(content, task, timeout=self.config.task_timeout_seconds, operation=operation)
             return True
 
@@ -220,7 +222,7 @@ class VsphereProvider(Provider):
             )
         datacenter, kind = self.connection.call(
             Operation(f"locating the datastore of {what}", failed=DiskReadError),
-            lambda content: _datastore_facts(content, props["vm"], backing.datastore),
+            lambda content: _datastore_facts(content, rebind(content, props["vm"]), rebind(content, backing.datastore)),
         )
         if kind in OBJECT_DATASTORES:
             raise DiskReadError(f"{what}: on a {kind} datastore (objects, not files): the datastore transport cannot read it")
@@ -251,6 +253,16 @@ class VsphereProvider(Provider):
     def close(self) -> None:
         self.transport.close()
         self.connection.close()
+
+
+def rebind(content: vim.ServiceInstanceContent, ref: Any) -> Any:
+    """``ref`` (a managed object reference, or None) bound to the session of ``content``.
+
+    A reference keeps the SOAP stub it was read with; after a relogin that stub's session is
+    gone and every call through it answers ``NotAuthenticated`` again, so references kept
+    between calls (the VM cache, a snapshot's ``vm``) are bound anew inside each call.
+    """
+    return None if ref is None else type(ref)(ref._moId, content.rootFolder._stub)
 
 
 def _datastore_facts(content: vim.ServiceInstanceContent, vm: Any, datastore: Any) -> tuple[str, str]:

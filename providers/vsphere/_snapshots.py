@@ -25,7 +25,7 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from providers.base import ProviderError, Snapshot, SnapshotError, TransientProviderError
-from providers.vsphere._errors import Kind, Operation, fault_kind, translate
+from providers.vsphere._errors import Kind, Operation, fault_kind, session_expired, translate
 from providers.vsphere._inventory import retrieve
 
 log = logging.getLogger("backupd.providers.vsphere")
@@ -101,18 +101,28 @@ def create(
     description: str,
     quiesce: bool,
     timeout: float,
+    pending: list[str],
 ) -> Snapshot:
     """Take a snapshot without memory; on any failure or interruption leave none behind.
 
+    :param pending: shared by the attempts of one creation (:meth:`Connection.call` repeats
+        this after a relogin): when the session expires while the task runs, its id is kept
+        there and the next attempt waits for that task instead of starting a second one.
     :raises QuiesceError: quiescing failed (no snapshot left).
     :raises SnapshotError: the snapshot could not be created.
     :raises TransientProviderError: a retry may succeed (a timeout among them).
     """
     operation = Operation(f"creating snapshot {name!r} of VM {vm_name!r}", failed=SnapshotError)
-    task = vm.CreateSnapshot_Task(name=name, description=description, memory=False, quiesce=quiesce)
+    if pending:
+        task = vim.Task(pending.pop(), content.rootFolder._stub)
+    else:
+        task = vm.CreateSnapshot_Task(name=name, description=description, memory=False, quiesce=quiesce)
     try:
         moref = wait_task(content, task, timeout=timeout, operation=operation)
     except BaseException as exc:
+        if session_expired(exc):  # the task runs on; the attempt after the relogin waits for it
+            pending.append(task._moId)
+            raise
         _leave_nothing(content, vm, task, name=name, timeout=timeout, interrupted=not isinstance(exc, ProviderError))
         raise
     for snapshot in list_snapshots(content, vm):

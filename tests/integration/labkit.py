@@ -55,7 +55,8 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def _toml_table(header: str, values: dict[str, Any]) -> str:
+def toml_table(header: str, values: dict[str, Any]) -> str:
+    """``[header]`` and one ``key = value`` line per item (values as :func:`_toml_value` writes them)."""
     lines = [f"[{header}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
@@ -137,9 +138,9 @@ class Lab:
         self.settings.update(changes)
         s = self.settings
         parts = [
-            _toml_table("state", {"url": self.state_url}),
-            _toml_table("repositories.local", {"path": "repo"}),
-            _toml_table(
+            toml_table("state", {"url": self.state_url}),
+            toml_table("repositories.local", {"path": "repo"}),
+            toml_table(
                 "providers.lab",
                 {
                     "type": "simulated",
@@ -157,11 +158,11 @@ class Lab:
         for name, job in s["jobs"].items():
             values = {"provider": "lab", "repository": "local", "retry": {"attempts": 3, "wait_seconds": 0}}
             values.update(job)
-            parts.append(_toml_table(f"jobs.{name}", values))
+            parts.append(toml_table(f"jobs.{name}", values))
         if s.get("daemon"):
-            parts.append(_toml_table("daemon", s["daemon"]))
+            parts.append(toml_table("daemon", s["daemon"]))
         if s.get("proxies"):
-            parts.append(_toml_table("proxies", s["proxies"]))
+            parts.append(toml_table("proxies", s["proxies"]))
         self.config.write_text("\n".join(parts))
 
     def write_raw_config(self, text: str) -> None:

@@ -3,7 +3,7 @@
 
 The vCenter comes from the environment: ``BACKUPD_VC_URL`` (``http://127.0.0.1:8989``),
 ``BACKUPD_VC_USER`` and ``BACKUPD_VC_PASSWORD``; without them the project's launcher is started
-(:class:`tests.vsphere_sim.Vcsim`). Each scenario of :mod:`tests.vsphere.scenarios` is recorded
+(:class:`tests.vsphere_sim.Vcsim`) with the VMs of :data:`SPEC`. Each scenario of :mod:`tests.vsphere.scenarios` is recorded
 into ``<name>.yaml`` beside its expected outcome ``<name>.json``; passwords and session
 cookies are scrubbed before writing. Run from the repository's root:
 
@@ -30,6 +30,11 @@ from vsphere.cassettes import CASSETTES, recorder  # noqa: E402
 from vsphere.scenarios import SCENARIOS  # noqa: E402
 
 PASSWORD_ENV = "BACKUPD_VC_PASSWORD"
+#: the launcher's VMs (contrib/vcsim/README.md "Spec"): the scenarios use the first one listed
+SPEC = {"vms": [
+    {"name": "app-01", "folder": "prod", "cbt": True, "disks": [{"capacity_bytes": 4 << 20}], "nics": [{"network": "VM Network"}]},
+    {"name": "db-01", "disks": [{"capacity_bytes": 2 << 20}]},
+]}
 
 
 @contextlib.contextmanager
@@ -41,7 +46,7 @@ def vcenter() -> Iterator[tuple[str, str]]:
         return
     from vsphere_sim import Vcsim  # the project's launcher (tests/vsphere_sim.py)
 
-    with tempfile.TemporaryDirectory() as tmp, Vcsim({}, Path(tmp)) as sim:
+    with tempfile.TemporaryDirectory() as tmp, Vcsim(SPEC, Path(tmp)) as sim:
         os.environ[PASSWORD_ENV] = sim.password
         yield sim.url, sim.user
 
