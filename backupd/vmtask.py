@@ -275,6 +275,7 @@ class VmTask:
                 name=snapshot_name(self.job_name, self.session_id),
                 description=f"Created by backupd for job {self.job_name}, session {self.session_id}",
                 quiesce=quiesce,
+                cancel=self.stop.cancel,
             )
 
         if not self.job.quiesce:

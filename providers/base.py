@@ -18,6 +18,7 @@ the original; only :class:`TransientProviderError` is retried by the engine)::
      ├── SnapshotError            a snapshot could not be created or removed
      │    └── QuiesceError        the guest could not be quiesced (the engine then takes a
      │                            crash-consistent snapshot and ends the VM ``warning``)
+     ├── OperationCancelled       the caller's cancel event was set; nothing was left behind
      ├── CbtUnavailable           the changeId given is not valid any more (CBT was reset or
      │                            disabled); the engine falls back to a full read
      └── DiskReadError            disk data could not be read
@@ -25,6 +26,7 @@ the original; only :class:`TransientProviderError` is retried by the engine)::
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,6 +71,12 @@ class SnapshotError(ProviderError):
 
 class QuiesceError(SnapshotError):
     """The guest could not be quiesced (vSphere: ``ApplicationQuiesceFault``)."""
+
+
+class OperationCancelled(ProviderError):
+    """The caller's ``cancel`` event was set while the operation ran (an immediate stop); the
+    operation was abandoned and left nothing behind (vSphere: ``CancelTask``, and a snapshot
+    the task made anyway removed)."""
 
 
 class CbtUnavailable(ProviderError):
@@ -263,12 +271,15 @@ class Provider(ABC):
 
     @abstractmethod
     def create_snapshot(
-        self, vm: VmInfo, *, name: str, description: str, quiesce: bool
+        self, vm: VmInfo, *, name: str, description: str, quiesce: bool, cancel: threading.Event | None = None
     ) -> Snapshot:
         """Take a snapshot of the VM's disks, without memory (vSphere ``CreateSnapshot_Task``
         with ``memory=False``).
 
         :param quiesce: ask the guest to flush first (VMware Tools).
+        :param cancel: when set while the creation runs, the provider abandons it (at its next
+            check, at most about a second later) and removes the snapshot if one was made.
+        :raises OperationCancelled: ``cancel`` was set; no snapshot was left behind.
         :raises QuiesceError: quiescing failed; no snapshot was left behind.
         :raises SnapshotError: the snapshot could not be created.
         :raises TransientProviderError: a retry may succeed.

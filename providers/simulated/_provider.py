@@ -7,6 +7,7 @@ import functools
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -20,13 +21,13 @@ from providers.base import (
     DiskReader,
     DiskReadError,
     Extent,
+    OperationCancelled,
     Provider,
     ProviderError,
     Snapshot,
     SnapshotError,
     VmConfig,
     VmInfo,
-    VmNotFound,
 )
 from providers.simulated import _cow, _create
 from providers.simulated._cbt import CbtState, ChangeLog
@@ -113,10 +114,12 @@ class SimulatedProvider(Provider):
 
     @_maps_os_errors(SnapshotError)
     def create_snapshot(
-        self, vm: VmInfo, *, name: str, description: str, quiesce: bool
+        self, vm: VmInfo, *, name: str, description: str, quiesce: bool, cancel: threading.Event | None = None
     ) -> Snapshot:
         """Take a snapshot of every disk of the VM; it takes ``snapshot_create_seconds``, and
-        first waits as long as ``create_snapshot`` is paused (:meth:`pause`).
+        first waits as long as ``create_snapshot`` is paused (:meth:`pause`). ``cancel`` set
+        during those seconds abandons it before anything is made; a paused creation models a
+        hypervisor task that cannot be cancelled, so it completes.
 
         :param name: stored as given.
         :param description: stored as given.
@@ -125,11 +128,16 @@ class SimulatedProvider(Provider):
         :raises SnapshotError: a permanent ``create_snapshot`` fault is armed.
         :raises QuiesceError: a permanent ``quiesce`` fault is armed (no snapshot is left).
         :raises TransientProviderError: a transient ``create_snapshot`` or ``quiesce`` fault.
+        :raises OperationCancelled: ``cancel`` was set while it took its time.
         """
         target = self._vms.get(vm.name)
         faults = FaultStore(target.name, target.paths)
         faults.hold("create_snapshot")
-        _take(self.config.snapshot_create_seconds)
+        seconds = self.config.snapshot_create_seconds
+        if cancel is None or seconds == 0:
+            _take(seconds)
+        elif cancel.wait(seconds):  # a creation under way is cancellable; a held one is not
+            raise OperationCancelled(f"snapshot {name!r} of VM {target.name!r}: creation cancelled")
         faults.fire("create_snapshot")
         if quiesce:
             faults.fire("quiesce")

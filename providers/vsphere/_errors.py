@@ -37,8 +37,6 @@ import urllib3.exceptions
 from pyVmomi import vmodl
 
 from providers.base import (
-    CbtUnavailable,
-    DiskReadError,
     ProviderError,
     QuiesceError,
     SnapshotError,

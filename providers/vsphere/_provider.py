@@ -86,14 +86,16 @@ class VsphereProvider(Provider):
 
     # -- snapshots --------------------------------------------------------------------------------
 
-    def create_snapshot(self, vm: VmInfo, *, name: str, description: str, quiesce: bool) -> Snapshot:
+    def create_snapshot(
+        self, vm: VmInfo, *, name: str, description: str, quiesce: bool, cancel: threading.Event | None = None
+    ) -> Snapshot:
         moref = self._vm(vm)
         pending: list[str] = []
         return self.connection.call(
             Operation(f"creating snapshot {name!r} of VM {vm.name!r}", failed=SnapshotError, gone=VmNotFound),
             lambda content: _snapshots.create(
                 content, rebind(content, moref), vm_name=vm.name, name=name, description=description, quiesce=quiesce,
-                timeout=self.config.task_timeout_seconds, pending=pending,
+                timeout=self.config.task_timeout_seconds, pending=pending, cancel=cancel,
             ),
         )
 

@@ -17,6 +17,7 @@ already gone (``ManagedObjectNotFound``) is success.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timezone
@@ -24,7 +25,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from providers.base import ProviderError, Snapshot, SnapshotError, TransientProviderError
+from providers.base import OperationCancelled, ProviderError, Snapshot, SnapshotError, TransientProviderError
 from providers.vsphere._errors import Kind, Operation, fault_kind, session_expired, translate
 from providers.vsphere._inventory import retrieve
 
@@ -33,10 +34,15 @@ log = logging.getLogger("backupd.providers.vsphere")
 _POLL_FIRST, _POLL_MAX = 0.1, 1.0
 
 
-def wait_task(content: vim.ServiceInstanceContent, task: vim.Task, *, timeout: float, operation: Operation) -> Any:
-    """Poll ``task.info`` until the task ends or ``timeout`` seconds pass.
+def wait_task(
+    content: vim.ServiceInstanceContent, task: vim.Task, *, timeout: float, operation: Operation,
+    cancel: threading.Event | None = None,
+) -> Any:
+    """Poll ``task.info`` until the task ends, ``timeout`` seconds pass or ``cancel`` is set.
 
     :returns: the task's ``info.result``.
+    :raises OperationCancelled: ``cancel`` was set (the task may still run: the caller
+        cancels it).
     :raises TransientProviderError: the deadline passed (the task may still run).
     :raises ProviderError: the task ended in error, its fault translated for ``operation``.
     """
@@ -50,7 +56,11 @@ def wait_task(content: vim.ServiceInstanceContent, task: vim.Task, *, timeout: f
             raise translate(info.error, operation) from info.error
         if time.monotonic() >= deadline:
             raise TransientProviderError(f"{operation.what}: task {task._moId} still {info.state} after {timeout:g} s")
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        wait = min(pause, max(0.0, deadline - time.monotonic()))
+        if cancel is None:
+            time.sleep(wait)
+        elif cancel.wait(wait):
+            raise OperationCancelled(f"{operation.what}: cancelled")
         pause = min(pause * 1.5, _POLL_MAX)
 
 
@@ -102,12 +112,16 @@ def create(
     quiesce: bool,
     timeout: float,
     pending: list[str],
+    cancel: threading.Event | None = None,
 ) -> Snapshot:
     """Take a snapshot without memory; on any failure or interruption leave none behind.
 
     :param pending: shared by the attempts of one creation (:meth:`Connection.call` repeats
         this after a relogin): when the session expires while the task runs, its id is kept
         there and the next attempt waits for that task instead of starting a second one.
+    :param cancel: set by the caller (an immediate stop): the task is cancelled and whatever
+        it made removed, as for any interrupted creation.
+    :raises OperationCancelled: ``cancel`` was set (no snapshot left).
     :raises QuiesceError: quiescing failed (no snapshot left).
     :raises SnapshotError: the snapshot could not be created.
     :raises TransientProviderError: a retry may succeed (a timeout among them).
@@ -118,7 +132,7 @@ def create(
     else:
         task = vm.CreateSnapshot_Task(name=name, description=description, memory=False, quiesce=quiesce)
     try:
-        moref = wait_task(content, task, timeout=timeout, operation=operation)
+        moref = wait_task(content, task, timeout=timeout, operation=operation, cancel=cancel)
     except BaseException as exc:
         if session_expired(exc):  # the task runs on; the attempt after the relogin waits for it
             pending.append(task._moId)

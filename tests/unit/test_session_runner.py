@@ -266,6 +266,25 @@ def test_immediate_stop_during_snapshot_creation_removes_the_snapshot_created_af
     assert site.backupd_snapshots() == {}
 
 
+def test_immediate_stop_cancels_a_snapshot_creation_under_way(site: Site) -> None:
+    """Given vm-a's snapshot creation under way on a hypervisor whose creations take an hour,
+    when an immediate stop comes, then the creation is abandoned (the provider's cancel event)
+    instead of waited for: vm-a ends ``cancelled`` with no snapshot made, the session
+    ``failed``."""
+    site.configure(max_parallel_vms=1)
+    lab = site.config.providers["lab"]
+    site.config.providers["lab"] = lab.model_copy(update={"snapshot_create_seconds": 3600})
+    session = site.start()
+    wait_until(lambda: site.tasks(session.id)["vm-a"].stage == "snapshot", "vm-a's snapshot creation")
+
+    site.store.request_stop(session.id, StopMode.IMMEDIATE, None)
+
+    assert session.outcome() is SessionResult.FAILED
+    vm_a = site.tasks(session.id)["vm-a"]
+    assert (vm_a.status, vm_a.snapshot_id, vm_a.restore_point) == (TaskStatus.CANCELLED, None, None)
+    assert site.backupd_snapshots() == {}
+
+
 def test_graceful_stop_lets_vms_in_flight_finish_and_leaves_the_rest_unprocessed(site: Site) -> None:
     """Given vm-a and vm-b held inside a read and vm-c waiting, when a graceful stop is
     requested, then vm-a and vm-b go on and complete their restore points and snapshot
