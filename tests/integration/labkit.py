@@ -363,6 +363,34 @@ class Background:
         return json.loads(done.stdout)
 
 
+class Daemon:
+    """A ``backupd daemon`` process of the lab, up once ``daemon status`` names it."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.bg: Background = lab.popen("daemon")
+        self.pid = self.bg.proc.pid
+        wait_until(lambda: lab.run_json("daemon", "status")["pid"] == self.pid, what="the daemon to be up")
+
+    def log(self) -> str:
+        return self.bg._err.read_text()
+
+    def wait_log(self, words: str, timeout: float = 60.0) -> str:
+        return wait_until(lambda: words in self.log() and self.log(), timeout, what=f"daemon log line {words!r}")
+
+    def stop(self, rc: int = 0) -> str:
+        if self.bg.proc.poll() is None:
+            self.bg.proc.send_signal(signal.SIGTERM)
+        done = self.bg.finish(timeout=120)
+        assert done.returncode == rc, describe(done, f"the daemon exits {rc}")
+        return done.stderr
+
+    def kill(self) -> None:
+        """``kill -9`` of the daemon (its session processes are processes of their own)."""
+        self.bg.proc.send_signal(signal.SIGKILL)
+        self.bg.proc.wait()
+
+
 def describe(proc: subprocess.CompletedProcess[str], why: str) -> str:
     args = " ".join(map(str, proc.args[5:])) if isinstance(proc.args, list) else proc.args
     return (

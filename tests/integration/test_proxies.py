@@ -5,6 +5,8 @@ never slept for. Skipped without PostgreSQL or RabbitMQ, failed in CI."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import signal
 import time
@@ -213,6 +215,65 @@ def test_a_proxy_killed_mid_task_fails_its_vms_and_the_session_goes_on(lab: Lab,
     assert [vm["name"] for vm in retry["vms"]] == sorted(on_doomed)
     assert {vm["status"] for vm in retry["vms"]} == {"success"}
     assert {vm["proxy"]["host"] for vm in retry["vms"]} == {survivor.host}
+
+
+def _snapshots_ever_taken(lab: Lab) -> int:
+    """How many snapshots the lab's simulated hypervisor has ever created (its id counter)."""
+    return json.loads((lab.site / "lab" / "provider.json").read_text())["next_snapshot"] - 1
+
+
+def _blocked_snapshot_calls(lab: Lab, vm: str) -> int:
+    """How many ``create_snapshot`` calls on ``vm`` its pause blocks now (re-arming the pause,
+    which is idempotent, is how ``sim fault`` reports it)."""
+    return lab.run_json("sim", "fault", vm, "--op", "create_snapshot", "--pause")["paused"].get("create_snapshot", 0)
+
+
+def test_a_restarted_daemon_adopts_a_session_whose_vm_tasks_run_on_proxies(lab: Lab, proxies, daemons) -> None:  # noqa: ANN001
+    """kill -9 of the daemon while VM tasks run on proxies: the session process and the VM tasks
+    go on undisturbed; a new daemon adopts the session, follows its end (the chained job
+    starts) and no VM task runs twice. The last two VM tasks are held at their snapshot by a
+    pause, so they are mid-task on the proxies across the restart however slow the machine."""
+    vms = {f"vm-{i}": "4 MiB" for i in range(4)}
+    _configure(lab, vms, max_parallel_vms=2)
+    lab.configure(jobs={**lab.settings["jobs"], "report": {"vms": ["vm-0"], "proxy_pool": lab.pool,  # type: ignore[attr-defined]
+                                                           "schedule": {"after": "nightly"}}})
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+    held = ["vm-2", "vm-3"]
+    for vm in held:
+        _blocked_snapshot_calls(lab, vm)
+    proxies(1, "host-a")
+    proxies(1, "host-b")
+    first = daemons()
+    session = lab.run_json("job", "start", "nightly")["session"]
+    wait_until(lambda: all(_blocked_snapshot_calls(lab, vm) == 1 for vm in held), timeout=90,
+               what="the last two VM tasks to be held at their snapshot on the proxies")
+    runner = lab.session(session)["runner"]["pid"]
+
+    first.kill()
+    undisturbed = lab.session(session)
+    assert (undisturbed["state"], undisturbed["runner"]["pid"]) == ("working", runner)
+    assert {vm["name"]: vm["status"] for vm in undisturbed["vms"]} == \
+        {"vm-0": "success", "vm-1": "success", "vm-2": "running", "vm-3": "running"}
+    os.kill(runner, 0)  # the session process outlived the daemon that spawned it
+    restarted = daemons()
+    restarted.wait_log(f"session {session} of job nightly adopted (its process pid {runner} runs on)")
+    for vm in held:
+        lab.sim("fault", vm, "--resume")
+
+    ended = lab.wait_stopped(session, timeout=120)
+    assert ended["result"] == "success", ended
+    assert {vm["status"] for vm in ended["vms"]} == {"success"}
+    assert {vm["proxy"]["host"] for vm in ended["vms"]} == {"host-a", "host-b"}
+    (report,) = wait_until(lambda: [s for s in lab.sessions("report") if s["state"] == "stopped"], timeout=60,
+                           what="the chained job to run after the adopted session")
+    report = lab.session(report["id"])
+    assert (report["trigger"], report["triggered_by"], report["result"]) == ("chain", session, "success")
+    assert _snapshots_ever_taken(lab) == len(vms) + 1, "each VM task took one snapshot: none ran twice"
+    assert sorted(p["vm"] for p in lab.points(job="nightly")) == sorted(vms)
+    assert lab.backupd_snapshots() == {}
+    log = restarted.stop()
+    assert f"session {session} of job nightly ended: success" in log
 
 
 def test_a_pool_without_a_live_proxy_waits_then_fails_its_vms(lab: Lab) -> None:
