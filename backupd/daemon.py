@@ -277,7 +277,8 @@ class Daemon:
         import time
 
         last_recovery = last_beat = time.monotonic()
-        self._watermark = self.clock() - timedelta(seconds=TICK_SECONDS)  # ends while down start nothing
+        # ends while down (or before this daemon started) start nothing
+        self._watermark = self._floor = self.clock() - timedelta(seconds=TICK_SECONDS)
         while not (self._stopping and not self._state.children):
             self._handle_signals()
             self._reap_children()
@@ -471,11 +472,12 @@ class Daemon:
 
     def _handle_ended_sessions(self) -> None:
         """Act once on every session that ended since the last look. The look reaches back
-        :data:`_END_LAG` so an end committed late (a busy DB) is still seen; ids already
-        handled are remembered that long."""
+        :data:`_END_LAG` so an end committed late (a busy DB) is still seen, but never
+        before this daemon's start (a restarted daemon would chain, retry and notify again
+        the sessions its predecessor handled); ids already handled are remembered that long."""
         def scan() -> None:
             since = self._watermark
-            self._watermark = self.clock() - _END_LAG
+            self._watermark = max(self._floor, self.clock() - _END_LAG)
             handled = self._state.handled_ends
             for session in self.store.ended_since(since):
                 if session.id not in handled:

@@ -282,6 +282,13 @@ class Lab:
         proc = self.run("sim", *args)
         assert proc.returncode == 0, describe(proc, "sim command failed")
 
+    def pause(self, vm: str, op: str) -> int:
+        """Arm a pause of ``op`` (``read`` or ``create_snapshot``) on ``vm`` through ``sim fault
+        --pause`` (arming it again changes nothing) and return how many calls it blocks now, in
+        any process; ``sim fault VM --resume`` lifts it. A test holds a VM task at a known
+        point with it, however slow the machine, instead of betting on a read throttle."""
+        return self.run_json("sim", "fault", vm, "--op", op, "--pause")["paused"].get(op, 0)
+
     def snapshots(self) -> dict[str, list[dict[str, Any]]]:
         """Current snapshots of every VM, from ``vm list --json``."""
         return {vm["name"]: vm["snapshots"] for vm in self.run_json("vm", "list")}

@@ -204,11 +204,13 @@ def test_kill_9_of_a_session_process_and_of_the_daemon_then_restart(lab: Lab, da
 
     lab.configure(read_mib_per_s=0, jobs={"nightly": {"vms": ["vm-a", "vm-b"], "schedule": {"every": "2s"}}})
     restarted = daemons()
-    wait_until(lambda: all(s["state"] == "stopped" for s in lab.sessions()), what="no session left running")
+    restarted.wait_log(f"session {second} of job nightly adopted")
+    wait_until(lambda: lab.session(second)["state"] == "stopped", what="the adopted session to end")
     scheduled = wait_until(lambda: [s for s in _sessions(lab, "nightly") if s["trigger"] == "schedule"
                                     and s["state"] == "stopped"], what="a scheduled session after the restart")
     assert scheduled[0]["result"] == "success"
-    restarted.stop()
+    log = restarted.stop()
+    assert f"session {session} of job nightly ended" not in log, "an end its predecessor handled is not acted on again"
     assert lab.backupd_snapshots() == {}
     assert lab.run_json("restore-point", "verify", "--all")["ok"]
     assert not any((lab.repo / "staging").iterdir()), "no staging debris"

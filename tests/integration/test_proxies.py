@@ -9,6 +9,8 @@ import json
 import os
 import secrets
 import signal
+import socket
+import threading
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -160,16 +162,22 @@ def test_immediate_stop_cancels_every_vm_task_on_every_proxy(lab: Lab, proxies) 
 def test_graceful_stop_dispatches_nothing_more_and_lets_vm_tasks_in_flight_finish(lab: Lab, proxies) -> None:  # noqa: ANN001
     vms = {f"vm-{i}": "16 MiB" for i in range(6)}
     _configure(lab, vms, max_parallel_vms=2)
-    lab.configure(read_mib_per_s=1)  # 16 s in flight: room for the CLI's polls on a loaded machine
+    in_flight = ["vm-0", "vm-1"]
     for seed, vm in enumerate(vms):
         lab.fill(vm, seed=seed)
+    for vm in in_flight:  # held mid-transfer until the stop is seen, however slow the machine
+        lab.pause(vm, "read")
     proxies(1, "host-a")
     proxies(1, "host-b")
     run = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
-    lab.wait_for_vms_in_flight(session, ["vm-0", "vm-1"], timeout=60)
+    wait_until(lambda: all(lab.pause(vm, "read") >= 1 for vm in in_flight), timeout=90,
+               what="two VM tasks held mid-transfer on the proxies")
 
     lab.run_json("job", "stop", "nightly")
+    lab.wait_for_session(session, lambda d: d["state"] == "stopping", what="state stopping")
+    for vm in in_flight:
+        lab.sim("fault", vm, "--resume")
     doc = lab.wait_stopped(session, timeout=90)
 
     run.finish_json(1)
@@ -222,12 +230,6 @@ def _snapshots_ever_taken(lab: Lab) -> int:
     return json.loads((lab.site / "lab" / "provider.json").read_text())["next_snapshot"] - 1
 
 
-def _blocked_snapshot_calls(lab: Lab, vm: str) -> int:
-    """How many ``create_snapshot`` calls on ``vm`` its pause blocks now (re-arming the pause,
-    which is idempotent, is how ``sim fault`` reports it)."""
-    return lab.run_json("sim", "fault", vm, "--op", "create_snapshot", "--pause")["paused"].get("create_snapshot", 0)
-
-
 def test_a_restarted_daemon_adopts_a_session_whose_vm_tasks_run_on_proxies(lab: Lab, proxies, daemons) -> None:  # noqa: ANN001
     """kill -9 of the daemon while VM tasks run on proxies: the session process and the VM tasks
     go on undisturbed; a new daemon adopts the session, follows its end (the chained job
@@ -241,12 +243,12 @@ def test_a_restarted_daemon_adopts_a_session_whose_vm_tasks_run_on_proxies(lab: 
         lab.fill(vm, seed=seed)
     held = ["vm-2", "vm-3"]
     for vm in held:
-        _blocked_snapshot_calls(lab, vm)
+        lab.pause(vm, "create_snapshot")
     proxies(1, "host-a")
     proxies(1, "host-b")
     first = daemons()
     session = lab.run_json("job", "start", "nightly")["session"]
-    wait_until(lambda: all(_blocked_snapshot_calls(lab, vm) == 1 for vm in held), timeout=90,
+    wait_until(lambda: all(lab.pause(vm, "create_snapshot") == 1 for vm in held), timeout=90,
                what="the last two VM tasks to be held at their snapshot on the proxies")
     runner = lab.session(session)["runner"]["pid"]
 
@@ -276,6 +278,68 @@ def test_a_restarted_daemon_adopts_a_session_whose_vm_tasks_run_on_proxies(lab: 
     assert f"session {session} of job nightly ended: success" in log
 
 
+def test_a_recursive_stop_with_a_drain_period_cancels_the_vm_tasks_on_proxies_and_the_chain(lab: Lab, proxies, daemons) -> None:  # noqa: ANN001
+    """``job stop --recursive --drain 1`` of a daemon's session whose VM tasks run on proxies:
+    the graceful stop lets them run, the drain period's end cancels them on the proxies
+    (snapshots removed, nothing committed) and the chained job does not start."""
+    vms = {"vm-0": "16 MiB", "vm-1": "16 MiB"}
+    _configure(lab, vms, max_parallel_vms=2)
+    lab.configure(read_mib_per_s=1, jobs={**lab.settings["jobs"], "report": {"vms": ["vm-0"], "proxy_pool": lab.pool,  # type: ignore[attr-defined]
+                                                                             "schedule": {"after": "nightly"}}})
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+    proxies(1, "host-a")
+    proxies(1, "host-b")
+    daemon = daemons()
+    session = lab.run_json("job", "start", "nightly")["session"]
+    lab.wait_for_vms_in_flight(session, list(vms), timeout=90)
+
+    stops = lab.run_json("job", "stop", "nightly", "--recursive", "--drain", "1")["stops"]
+    assert [(s["job"], s["outcome"]) for s in stops] == [("nightly", "stop_requested")]
+    doc = lab.wait_stopped(session, timeout=90)
+
+    assert (doc["result"], doc["stop"]["mode"], doc["stop"]["recursive"]) == ("failed", "immediate", True)
+    assert doc["stop"]["drain_deadline"] and any("the drain period ended" in line["text"] for line in doc["log"])
+    assert {vm["status"] for vm in doc["vms"]} == {"cancelled"}, doc["vms"]
+    assert {vm["proxy"]["host"] for vm in doc["vms"]} == {"host-a", "host-b"}
+    assert all(vm["snapshot"]["removed"] for vm in doc["vms"]), doc["vms"]
+    daemon.wait_log(f"job report: not started after session {session}: that session was stopped recursively")
+    assert lab.sessions("report") == []
+    assert lab.points(job="nightly") == [] and lab.backupd_snapshots() == {}
+
+
+def test_auto_retry_reprocesses_the_vms_of_a_killed_proxy_on_another(lab: Lab, proxies, daemons) -> None:  # noqa: ANN001
+    """A proxy killed mid-task: its VM ends ``failed`` (proxy lost), the session ``failed``,
+    and the daemon's automatic retry processes that VM alone, on the live proxy."""
+    vms = {"vm-0": "4 MiB", "vm-1": "4 MiB"}
+    _configure(lab, vms, max_parallel_vms=2, auto_retry={"times": 1, "wait_seconds": 0})
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+        lab.pause(vm, "create_snapshot")  # held at the snapshot, so each proxy holds one VM task
+    doomed = proxies(1, "host-doomed")
+    survivor = proxies(1, "host-survivor")
+    daemons()
+    first = lab.run_json("job", "start", "nightly")["session"]
+    wait_until(lambda: all(lab.pause(vm, "create_snapshot") == 1 for vm in vms), timeout=90,
+               what="both VM tasks to be held at their snapshot on the proxies")
+    (lost,) = [vm["name"] for vm in lab.session(first)["vms"] if vm["proxy"]["host"] == doomed.host]
+
+    doomed.kill()
+    for vm in vms:
+        lab.sim("fault", vm, "--clear")
+    failed = lab.wait_stopped(first, timeout=90)
+
+    assert failed["result"] == "failed"
+    assert vms_by_name(failed)[lost]["error"].startswith("proxy lost: proxy pid"), failed["vms"]
+    (retry,) = wait_until(lambda: [s for s in lab.sessions("nightly") if s["id"] != first and s["state"] == "stopped"],
+                          timeout=90, what="the automatic retry to end")
+    retry = lab.session(retry["id"])
+    assert (retry["trigger"], retry["retry_of"], retry["result"]) == ("auto_retry", first, "success")
+    assert [(vm["name"], vm["proxy"]["host"]) for vm in retry["vms"]] == [(lost, survivor.host)]
+    assert lab.restore(lost)[1] == bytes(lab.disks[lost])
+    assert lab.backupd_snapshots() == {}
+
+
 def test_a_pool_without_a_live_proxy_waits_then_fails_its_vms(lab: Lab) -> None:
     _configure(lab, {"vm-0": "4 MiB", "vm-1": "4 MiB"}, proxy_wait_seconds=2)
 
@@ -284,6 +348,98 @@ def test_a_pool_without_a_live_proxy_waits_then_fails_its_vms(lab: Lab) -> None:
     assert [vm["status"] for vm in doc["vms"]] == ["failed", "failed"]
     assert all("no live backup proxy in pool" in vm["error"] for vm in doc["vms"]), doc["vms"]
     assert any("no live backup proxy; waiting up to 2 s" in line["text"] for line in doc["log"])
+
+
+class CuttableLink:
+    """A TCP forwarder of this test to a service (the broker), which the test can cut (every
+    connection through it closed, new ones closed at once) and restore, the way a network
+    failure between a proxy and the broker would, without touching the shared broker."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.server.getsockname()[1]
+        self._up = threading.Event()
+        self._up.set()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            try:
+                if not self._up.is_set():
+                    raise ConnectionRefusedError("the link is cut")
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), name="link-pump", daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self._up.clear()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for end in sockets:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+
+    def restore(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_a_proxy_cut_off_from_the_broker_pauses_says_so_and_takes_work_again_when_it_is_back(lab: Lab, proxies) -> None:  # noqa: ANN001
+    link = CuttableLink(("127.0.0.1", 5672))
+    try:
+        _configure(lab, {"vm-0": "4 MiB"})
+        lab.configure(proxies={"broker": f"amqp://guest:guest@127.0.0.1:{link.port}//", "proxy_wait_seconds": 600})
+        lab.fill("vm-0")
+        proxy = proxies(1, "host-a")
+
+        def status() -> str:
+            return next(p["status"] for p in lab.run_json("proxy", "list") if p["pid"] == proxy.pid)
+
+        link.cut()
+        wait_until(lambda: status() == "paused", timeout=60, what="the proxy to be paused")
+        assert "cannot reach the broker amqp://guest:***@127.0.0.1" in proxy.log()
+        assert "taking no VM task until it is back" in proxy.log()
+        (listed,) = [p for p in lab.run_json("proxy", "list") if p["pid"] == proxy.pid]
+        assert "cannot reach the broker" in (listed.get("note") or ""), listed
+
+        link.restore()
+        wait_until(lambda: status() == "up", timeout=60, what="the proxy to be up again")
+        doc = lab.start_wait("nightly")
+        assert doc["result"] == "success" and doc["vms"][0]["proxy"]["pid"] == proxy.pid
+    finally:
+        link.close()
 
 
 def test_proxies_need_a_postgresql_state_db(tmp_path) -> None:  # noqa: ANN001
