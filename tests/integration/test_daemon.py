@@ -204,8 +204,7 @@ def test_kill_9_of_a_session_process_and_of_the_daemon_then_restart(lab: Lab, da
 
     lab.configure(read_mib_per_s=0, jobs={"nightly": {"vms": ["vm-a", "vm-b"], "schedule": {"every": "2s"}}})
     restarted = daemons()
-    restarted.wait_log(f"session {second} of job nightly adopted")
-    wait_until(lambda: lab.session(second)["state"] == "stopped", what="the adopted session to end")
+    wait_until(lambda: lab.session(second)["state"] == "stopped", what="the session killed with the daemon to end")
     scheduled = wait_until(lambda: [s for s in _sessions(lab, "nightly") if s["trigger"] == "schedule"
                                     and s["state"] == "stopped"], what="a scheduled session after the restart")
     assert scheduled[0]["result"] == "success"
