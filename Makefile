@@ -42,10 +42,11 @@ vcsim: $(STAMP) vsphere-deps
 	@launcher="$$($(PY) -c 'import sys; sys.path.insert(0, "tests"); import vsphere_sim; print(vsphere_sim.build_launcher())')" \
 		&& exec "$$launcher" -spec contrib/vcsim/example-spec.json -dir .build/vcsim-datastore $(VCSIM_ARGS)
 
-## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL
+## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL; then backup proxies (dispatch rate, 1 vs 2 proxies vs in-process, stop latency; skipped without PostgreSQL and RabbitMQ)
 bench: $(STAMP)
 	$(PY) bench/run.py --lab bench-lab
 	$(PY) bench/daemon.py --lab bench-lab/daemon
+	$(PY) bench/proxies.py --lab bench-lab/proxies
 
 ## make bench-compare BASELINE=REV: the bench's backupd figures of commit REV and of the working tree, in one sitting
 bench-compare: $(STAMP)
