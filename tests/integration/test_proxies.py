@@ -10,6 +10,8 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -439,6 +441,42 @@ def test_a_proxy_cut_off_from_the_broker_pauses_says_so_and_takes_work_again_whe
         doc = lab.start_wait("nightly")
         assert doc["result"] == "success" and doc["vms"][0]["proxy"]["pid"] == proxy.pid
     finally:
+        link.close()
+
+
+def test_a_proxy_cut_off_from_the_state_db_stops_taking_work_says_so_and_resumes(lab: Lab) -> None:
+    """A proxy whose own config reaches PostgreSQL through a link the test cuts: it cancels
+    its queue consumer and says so; once the link is back it consumes again and runs a VM
+    task (the lab's CLI and sessions reach PostgreSQL directly)."""
+    link = CuttableLink(("127.0.0.1", 5432))
+    _configure(lab, {"vm-0": "4 MiB"})
+    lab.fill("vm-0")
+    own = lab.site / "proxy.toml"
+    own.write_text(lab.config.read_text().replace("@127.0.0.1:5432/", f"@127.0.0.1:{link.port}/"))
+    err = lab.scratch / "proxy-cut.err"
+    with err.open("w") as stderr:
+        proxy = subprocess.Popen([sys.executable, "-m", "backupd", "-c", str(own), "proxy", "--pool", lab.pool,  # type: ignore[attr-defined]
+                                  "--max-tasks", "1", "--host-id", "host-cut"], cwd=lab.site, stdout=subprocess.DEVNULL,
+                                 stderr=stderr)
+    try:
+        wait_until(lambda: any(p["pid"] == proxy.pid and p["status"] == "up" for p in lab.run_json("proxy", "list")),
+                   timeout=90, what="the proxy to be up")
+        link.cut()
+        wait_until(lambda: "taking no VM task until the state DB is back" in err.read_text(), timeout=60,
+                   what="the proxy to say it lost the state DB")
+        assert "cannot be used" in err.read_text()
+        link.restore()
+        wait_until(lambda: "the state DB is back; taking VM tasks again" in err.read_text(), timeout=60,
+                   what="the proxy to take work again")
+        doc = lab.start_wait("nightly")
+        assert doc["result"] == "success" and doc["vms"][0]["proxy"]["pid"] == proxy.pid
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        try:
+            proxy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
         link.close()
 
 
