@@ -192,19 +192,22 @@ def test_graceful_stop_dispatches_nothing_more_and_lets_vm_tasks_in_flight_finis
 def test_a_proxy_killed_mid_task_fails_its_vms_and_the_session_goes_on(lab: Lab, proxies) -> None:  # noqa: ANN001
     vms = {f"vm-{i}": "16 MiB" for i in range(4)}
     _configure(lab, vms, max_parallel_vms=4)
-    lab.configure(read_mib_per_s=2)
     for seed, vm in enumerate(vms):
         lab.fill(vm, seed=seed)
+        lab.pause(vm, "read")  # held mid-transfer until the kill, however slow the machine
     doomed = proxies(2, "host-doomed")
     survivor = proxies(2, "host-survivor")
     run = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
-    lab.wait_for_vms_in_flight(session, list(vms), timeout=60)
+    wait_until(lambda: all(lab.pause(vm, "read") >= 1 for vm in vms), timeout=90,
+               what="the four VM tasks held mid-transfer on the proxies")
     on_doomed = [vm["name"] for vm in lab.session(session)["vms"] if vm["proxy"]["host"] == "host-doomed"]
     assert on_doomed, "the doomed proxy holds VM tasks"
 
     killed = time.monotonic()
     doomed.kill()
+    for vm in vms:
+        lab.sim("fault", vm, "--resume")
     doc = lab.wait_for_session(
         session, lambda d: all(vms_by_name(d)[vm]["status"] == "failed" for vm in on_doomed), timeout=60,
         what="the killed proxy's VM tasks to fail")
