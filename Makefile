@@ -43,10 +43,11 @@ vcsim: $(STAMP) vsphere-deps
 	@launcher="$$($(PY) -c 'import sys; sys.path.insert(0, "tests"); import vsphere_sim; print(vsphere_sim.build_launcher())')" \
 		&& exec "$$launcher" -listen $(VCSIM_LISTEN) -spec contrib/vcsim/example-spec.json -dir .build/vcsim-datastore $(VCSIM_ARGS)
 
-## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL; then the vSphere transport (simulator over http and https beside the simulated provider)
+## make bench: throughput, incremental speed, memory and stop latency, side by side with restic; then the daemon under 100 jobs x 10 VMs due at one minute, on SQLite and PostgreSQL; then backup proxies (dispatch rate, 1 vs 2 proxies vs in-process, stop latency; skipped without PostgreSQL and RabbitMQ); then the vSphere transport (simulator over http and https beside the simulated provider)
 bench: $(STAMP) vsphere-deps
 	$(PY) bench/run.py --lab bench-lab
 	$(PY) bench/daemon.py --lab bench-lab/daemon
+	$(PY) bench/proxies.py --lab bench-lab/proxies
 	@if $(PY) -c 'import sys; sys.path.insert(0, "tests"); import vsphere_sim; sys.exit(1 if vsphere_sim.unavailable_reason() else 0)'; \
 	then $(PY) bench/vsphere.py --lab bench-lab; \
 	else echo "make bench: bench/vsphere.py skipped: install $(VSPHERE_DEBS) for the vSphere transport figures" >&2; fi

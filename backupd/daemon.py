@@ -18,6 +18,9 @@ started and reaped by the daemon: a session that crashes — an exception in a p
 segfault in a C extension, ``kill -9`` — takes down nothing but itself; the daemon sees the
 process gone and recovers the session. Threads in one process would share every such fate, and
 a stuck provider call could not be killed. The cost is a Python start per session (~0.3 s).
+Session processes also outlive the daemon: one killed or crashed leaves them running (and their
+VM tasks, in them or on backup proxies), and the next daemon adopts them at its start
+(:meth:`Daemon._adopt`): it supervises them as its own children from then on.
 
 **Signals.** SIGTERM or SIGINT: start nothing more; graceful stop of every session the daemon
 runs, each with its job's drain period; a second signal: immediate. The daemon exits 0 once
@@ -151,9 +154,24 @@ class Planner:
 
 @dataclass
 class _Child:
+    """A session process the daemon supervises: one it spawned (``process``), or one a
+    previous daemon spawned and this one adopted (``process`` None: not its child, so it is
+    watched by pid, without an exit code)."""
+
     session: int
     job: str
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
+    pid: int
+
+    def exit_code(self) -> int | None:
+        """The process's exit code once it has ended, else None; an adopted process that has
+        ended gives -1 (its exit code went to its new parent)."""
+        from backupd.host import is_session_process
+        from backupd.state import pid_alive
+
+        if self.process is not None:
+            return self.process.poll()
+        return None if pid_alive(self.pid) and is_session_process(self.pid) else -1  # a reused pid is not it
 
 
 @dataclass
@@ -211,6 +229,7 @@ class Daemon:
             log.info("daemon started: pid %d, config %s, %d scheduled job(s)", os.getpid(), self.config.path,
                      sum(1 for job in self.config.jobs.values() if job.schedule is not None))
             self._recover()
+            self._guarded(self._adopt)
             self._planner = Planner(self.config, self._anchors(now), now)
             if last_seen is not None:
                 self._start_missed(last_seen, now)
@@ -258,7 +277,8 @@ class Daemon:
         import time
 
         last_recovery = last_beat = time.monotonic()
-        self._watermark = self.clock() - timedelta(seconds=TICK_SECONDS)  # ends while down start nothing
+        # ends while down (or before this daemon started) start nothing
+        self._watermark = self._floor = self.clock() - timedelta(seconds=TICK_SECONDS)
         while not (self._stopping and not self._state.children):
             self._handle_signals()
             self._reap_children()
@@ -406,17 +426,41 @@ class Daemon:
                                    unfinished=TaskStatus.NOT_PROCESSED)
             log.error("session %s: could not start its process: %s", session.id, exc)
             return
-        self._state.children[session.id] = _Child(session.id, session.job, process)
+        self._state.children[session.id] = _Child(session.id, session.job, process, process.pid)
+
+    def _adopt(self) -> None:
+        """Supervise the session processes a previous daemon left running on this host (it
+        was killed or crashed; they are processes of their own and went on): each counts
+        against ``max_sessions``, is stopped on shutdown and recovered if it dies, and its
+        end is acted on (chains, retries, notifications) as if this daemon had spawned it.
+        A detached ``job start`` session (no daemon ran) is adopted the same way; a
+        foreground ``job start --wait`` is not."""
+        from backupd.host import is_session_process
+        from backupd.state import pid_alive
+
+        host = socket.gethostname()
+        for session in self.store.running():
+            pid = session.owner_pid
+            if (session.owner_host != host or pid is None or session.id in self._state.children
+                    or not pid_alive(pid) or not is_session_process(pid)):
+                continue
+            self._state.children[session.id] = _Child(session.id, session.job, None, pid)  # type: ignore[index, arg-type]
+            log.info("session %s of job %s adopted (its process pid %d runs on)", session.id, session.job, pid)
 
     # -- sessions that ended ------------------------------------------------------------------------
 
     def _reap_children(self) -> None:
         for child in list(self._state.children.values()):
-            code = child.process.poll()
+            code = child.exit_code()
             if code is None:
                 continue
             del self._state.children[child.session]
             session = self.store.session(child.session)
+            if child.process is None:
+                if session.state is not SessionState.STOPPED:  # it died before ending its session
+                    log.error("session %s: its adopted process pid %d is gone; recovering", child.session, child.pid)
+                    self._recover()
+                continue
             if session.state is SessionState.STARTING and (session.owner_host, session.owner_pid) == self._owner:
                 # it ended before claiming the session: never restart it in a loop
                 text = f"the session's process could not start (exit {code}; see logs/session-{child.session}.log)"
@@ -428,11 +472,12 @@ class Daemon:
 
     def _handle_ended_sessions(self) -> None:
         """Act once on every session that ended since the last look. The look reaches back
-        :data:`_END_LAG` so an end committed late (a busy DB) is still seen; ids already
-        handled are remembered that long."""
+        :data:`_END_LAG` so an end committed late (a busy DB) is still seen, but never
+        before this daemon's start (a restarted daemon would chain, retry and notify again
+        the sessions its predecessor handled); ids already handled are remembered that long."""
         def scan() -> None:
             since = self._watermark
-            self._watermark = self.clock() - _END_LAG
+            self._watermark = max(self._floor, self.clock() - _END_LAG)
             handled = self._state.handled_ends
             for session in self.store.ended_since(since):
                 if session.id not in handled:

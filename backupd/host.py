@@ -114,6 +114,19 @@ def spawn_session_process(config: "Config", session_id: int, log_path: Path) -> 
     return child
 
 
+def is_session_process(pid: int) -> bool:
+    """Whether process ``pid`` of this host is a session process, ``python -m backupd.host``
+    (what :func:`spawn_session_process` starts), read from ``/proc/PID/cmdline`` (Linux); False
+    for a foreground ``job start --wait``, a process that has ended, or one that cannot be read
+    (a process that has only just been exec'ed may read empty for a moment; the daemon asks
+    about processes that have run for a while)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(argv[i:i + 2] == [b"-m", b"backupd.host"] for i in range(len(argv) - 1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m backupd.host --config PATH SESSION_ID``: host one created session."""
     from backupd.cli import MAX_SESSION_ID, configure_logging

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from labkit import Lab
+from labkit import Daemon, Lab
 
 
 @pytest.fixture
@@ -23,3 +23,19 @@ def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
         yield the_lab
     finally:
         the_lab.close()
+
+
+@pytest.fixture
+def daemons(lab: Lab) -> Iterator[Callable[[], Daemon]]:
+    """Starts ``backupd daemon`` processes of the lab; those still running at teardown are
+    killed."""
+    started: list[Daemon] = []
+
+    def start() -> Daemon:
+        started.append(Daemon(lab))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        if daemon.bg.proc.poll() is None:
+            daemon.kill()

@@ -283,6 +283,17 @@ class Lab:
         proc = self.run("sim", *args)
         assert proc.returncode == 0, describe(proc, "sim command failed")
 
+    def pause(self, vm: str, op: str) -> int:
+        """Arm a pause of ``op`` (``read`` or ``create_snapshot``) on ``vm`` through ``sim fault
+        --pause`` (arming it again changes nothing) and return how many calls it blocks now, in
+        any process; ``sim fault VM --resume`` lifts it. A test holds a VM task at a known
+        point with it, however slow the machine, instead of betting on a read throttle."""
+        return self.run_json("sim", "fault", vm, "--op", op, "--pause")["paused"].get(op, 0)
+
+    def resume(self, vm: str) -> None:
+        """Lift the pauses of ``vm`` (:meth:`pause`); calls they blocked go on."""
+        self.sim("fault", vm, "--resume")
+
     def snapshots(self) -> dict[str, list[dict[str, Any]]]:
         """Current snapshots of every VM, from ``vm list --json``."""
         return {vm["name"]: vm["snapshots"] for vm in self.run_json("vm", "list")}
@@ -362,6 +373,34 @@ class Background:
         done = self.finish(timeout)
         assert done.returncode == rc, describe(done, f"expected exit {rc}")
         return json.loads(done.stdout)
+
+
+class Daemon:
+    """A ``backupd daemon`` process of the lab, up once ``daemon status`` names it."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.bg: Background = lab.popen("daemon")
+        self.pid = self.bg.proc.pid
+        wait_until(lambda: lab.run_json("daemon", "status")["pid"] == self.pid, what="the daemon to be up")
+
+    def log(self) -> str:
+        return self.bg._err.read_text()
+
+    def wait_log(self, words: str, timeout: float = 60.0) -> str:
+        return wait_until(lambda: words in self.log() and self.log(), timeout, what=f"daemon log line {words!r}")
+
+    def stop(self, rc: int = 0) -> str:
+        if self.bg.proc.poll() is None:
+            self.bg.proc.send_signal(signal.SIGTERM)
+        done = self.bg.finish(timeout=120)
+        assert done.returncode == rc, describe(done, f"the daemon exits {rc}")
+        return done.stderr
+
+    def kill(self) -> None:
+        """``kill -9`` of the daemon (its session processes are processes of their own)."""
+        self.bg.proc.send_signal(signal.SIGKILL)
+        self.bg.proc.wait()
 
 
 def describe(proc: subprocess.CompletedProcess[str], why: str) -> str:

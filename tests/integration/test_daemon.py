@@ -13,49 +13,11 @@ from typing import Any
 
 import pytest
 
-from labkit import EXIT_FAILED, EXIT_NOT_FOUND, Background, Lab, describe, on_every_state_db, vms_by_name, wait_until
+from labkit import EXIT_FAILED, EXIT_NOT_FOUND, Lab, describe, on_every_state_db, vms_by_name, wait_until
 
 pytestmark = pytest.mark.slow
 
 EXIT_ANOTHER_DAEMON = 5
-
-
-class Daemon:
-    """A ``backupd daemon`` process of the lab."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.bg: Background = lab.popen("daemon")
-        self.pid = self.bg.proc.pid
-        wait_until(lambda: lab.run_json("daemon", "status")["pid"] == self.pid, what="the daemon to be up")
-
-    def log(self) -> str:
-        return self.bg._err.read_text()
-
-    def wait_log(self, words: str, timeout: float = 60.0) -> str:
-        return wait_until(lambda: words in self.log() and self.log(), timeout, what=f"daemon log line {words!r}")
-
-    def stop(self, rc: int = 0) -> str:
-        if self.bg.proc.poll() is None:
-            self.bg.proc.send_signal(signal.SIGTERM)
-        done = self.bg.finish(timeout=120)
-        assert done.returncode == rc, describe(done, f"the daemon exits {rc}")
-        return done.stderr
-
-
-@pytest.fixture
-def daemons(lab: Lab):  # noqa: ANN201 - yields a factory
-    started: list[Daemon] = []
-
-    def start() -> Daemon:
-        started.append(Daemon(lab))
-        return started[-1]
-
-    yield start
-    for daemon in started:
-        if daemon.bg.proc.poll() is None:
-            daemon.bg.proc.send_signal(signal.SIGKILL)
-            daemon.bg.proc.wait()
 
 
 def _sessions(lab: Lab, job: str) -> list[dict[str, Any]]:
@@ -238,16 +200,16 @@ def test_kill_9_of_a_session_process_and_of_the_daemon_then_restart(lab: Lab, da
 
     second = lab.run_json("job", "start", "nightly")["session"]
     lab.wait_for_vms_in_flight(second, ["vm-a"])
-    daemon.bg.proc.send_signal(signal.SIGKILL)
-    daemon.bg.proc.wait()
+    daemon.kill()
 
     lab.configure(read_mib_per_s=0, jobs={"nightly": {"vms": ["vm-a", "vm-b"], "schedule": {"every": "2s"}}})
     restarted = daemons()
-    wait_until(lambda: all(s["state"] == "stopped" for s in lab.sessions()), what="no session left running")
+    wait_until(lambda: lab.session(second)["state"] == "stopped", what="the session killed with the daemon to end")
     scheduled = wait_until(lambda: [s for s in _sessions(lab, "nightly") if s["trigger"] == "schedule"
                                     and s["state"] == "stopped"], what="a scheduled session after the restart")
     assert scheduled[0]["result"] == "success"
-    restarted.stop()
+    log = restarted.stop()
+    assert f"session {session} of job nightly ended" not in log, "an end its predecessor handled is not acted on again"
     assert lab.backupd_snapshots() == {}
     assert lab.run_json("restore-point", "verify", "--all")["ok"]
     assert not any((lab.repo / "staging").iterdir()), "no staging debris"

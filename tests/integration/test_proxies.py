@@ -5,11 +5,16 @@ never slept for. Skipped without PostgreSQL or RabbitMQ, failed in CI."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Iterator
 
@@ -135,14 +140,16 @@ def test_immediate_stop_cancels_every_vm_task_on_every_proxy(lab: Lab, proxies) 
         lab.fill(vm, seed=seed)
     proxies(4, "host-a")
     proxies(4, "host-b")
-    _hold_reads(lab, vms)  # in flight for as long as the test needs, however slow its polls
+    for vm in vms:
+        lab.pause(vm, "read")  # in flight for as long as the test needs, however slow its polls
     run = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
     lab.wait_for_vms_in_flight(session, list(vms), timeout=60)
 
     asked = time.monotonic()
     lab.run_json("job", "stop", "nightly", "--immediate")
-    _release_reads(lab, vms)
+    for vm in vms:
+        lab.resume(vm)
     doc = lab.wait_stopped(session)
     took = time.monotonic() - asked
 
@@ -161,16 +168,22 @@ def test_immediate_stop_cancels_every_vm_task_on_every_proxy(lab: Lab, proxies) 
 def test_graceful_stop_dispatches_nothing_more_and_lets_vm_tasks_in_flight_finish(lab: Lab, proxies) -> None:  # noqa: ANN001
     vms = {f"vm-{i}": "16 MiB" for i in range(6)}
     _configure(lab, vms, max_parallel_vms=2)
-    lab.configure(read_mib_per_s=1)  # 16 s in flight: room for the CLI's polls on a loaded machine
+    in_flight = ["vm-0", "vm-1"]
     for seed, vm in enumerate(vms):
         lab.fill(vm, seed=seed)
+    for vm in in_flight:  # held mid-transfer until the stop is seen, however slow the machine
+        lab.pause(vm, "read")
     proxies(1, "host-a")
     proxies(1, "host-b")
     run = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
-    lab.wait_for_vms_in_flight(session, ["vm-0", "vm-1"], timeout=60)
+    wait_until(lambda: all(lab.pause(vm, "read") >= 1 for vm in in_flight), timeout=90,
+               what="two VM tasks held mid-transfer on the proxies")
 
     lab.run_json("job", "stop", "nightly")
+    lab.wait_for_session(session, lambda d: d["state"] == "stopping", what="state stopping")
+    for vm in in_flight:
+        lab.resume(vm)
     doc = lab.wait_stopped(session, timeout=90)
 
     run.finish_json(1)
@@ -183,21 +196,22 @@ def test_graceful_stop_dispatches_nothing_more_and_lets_vm_tasks_in_flight_finis
 def test_a_proxy_killed_mid_task_fails_its_vms_and_the_session_goes_on(lab: Lab, proxies) -> None:  # noqa: ANN001
     vms = {f"vm-{i}": "16 MiB" for i in range(4)}
     _configure(lab, vms, max_parallel_vms=4)
-    lab.configure(read_mib_per_s=2)
     for seed, vm in enumerate(vms):
         lab.fill(vm, seed=seed)
+        lab.pause(vm, "read")  # held mid-transfer until the kill, however slow the machine
     doomed = proxies(2, "host-doomed")
     survivor = proxies(2, "host-survivor")
-    _hold_reads(lab, vms)
     run = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
-    lab.wait_for_vms_in_flight(session, list(vms), timeout=60)
+    wait_until(lambda: all(lab.pause(vm, "read") >= 1 for vm in vms), timeout=90,
+               what="the four VM tasks held mid-transfer on the proxies")
     on_doomed = [vm["name"] for vm in lab.session(session)["vms"] if vm["proxy"]["host"] == "host-doomed"]
     assert on_doomed, "the doomed proxy holds VM tasks"
 
     killed = time.monotonic()
     doomed.kill()
-    _release_reads(lab, vms)
+    for vm in vms:
+        lab.resume(vm)
     doc = lab.wait_for_session(
         session, lambda d: all(vms_by_name(d)[vm]["status"] == "failed" for vm in on_doomed), timeout=60,
         what="the killed proxy's VM tasks to fail")
@@ -220,6 +234,121 @@ def test_a_proxy_killed_mid_task_fails_its_vms_and_the_session_goes_on(lab: Lab,
     assert {vm["proxy"]["host"] for vm in retry["vms"]} == {survivor.host}
 
 
+def _snapshots_ever_taken(lab: Lab) -> int:
+    """How many snapshots the lab's simulated hypervisor has ever created (its id counter)."""
+    return json.loads((lab.site / "lab" / "provider.json").read_text())["next_snapshot"] - 1
+
+
+def test_a_restarted_daemon_adopts_a_session_whose_vm_tasks_run_on_proxies(lab: Lab, proxies, daemons) -> None:  # noqa: ANN001
+    """kill -9 of the daemon while VM tasks run on proxies: the session process and the VM tasks
+    go on undisturbed; a new daemon adopts the session, follows its end (the chained job
+    starts) and no VM task runs twice. The last two VM tasks are held at their snapshot by a
+    pause, so they are mid-task on the proxies across the restart however slow the machine."""
+    vms = {f"vm-{i}": "4 MiB" for i in range(4)}
+    _configure(lab, vms, max_parallel_vms=2)
+    lab.configure(jobs={**lab.settings["jobs"], "report": {"vms": ["vm-0"], "proxy_pool": lab.pool,  # type: ignore[attr-defined]
+                                                           "schedule": {"after": "nightly"}}})
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+    held = ["vm-2", "vm-3"]
+    for vm in held:
+        lab.pause(vm, "create_snapshot")
+    proxies(1, "host-a")
+    proxies(1, "host-b")
+    first = daemons()
+    session = lab.run_json("job", "start", "nightly")["session"]
+    wait_until(lambda: all(lab.pause(vm, "create_snapshot") == 1 for vm in held), timeout=90,
+               what="the last two VM tasks to be held at their snapshot on the proxies")
+    runner = lab.session(session)["runner"]["pid"]
+
+    first.kill()
+    undisturbed = lab.session(session)
+    assert (undisturbed["state"], undisturbed["runner"]["pid"]) == ("working", runner)
+    assert {vm["name"]: vm["status"] for vm in undisturbed["vms"]} == \
+        {"vm-0": "success", "vm-1": "success", "vm-2": "running", "vm-3": "running"}
+    os.kill(runner, 0)  # the session process outlived the daemon that spawned it
+    restarted = daemons()
+    restarted.wait_log(f"session {session} of job nightly adopted (its process pid {runner} runs on)")
+    for vm in held:
+        lab.resume(vm)
+
+    ended = lab.wait_stopped(session, timeout=120)
+    assert ended["result"] == "success", ended
+    assert {vm["status"] for vm in ended["vms"]} == {"success"}
+    assert {vm["proxy"]["host"] for vm in ended["vms"]} == {"host-a", "host-b"}
+    (report,) = wait_until(lambda: [s for s in lab.sessions("report") if s["state"] == "stopped"], timeout=60,
+                           what="the chained job to run after the adopted session")
+    report = lab.session(report["id"])
+    assert (report["trigger"], report["triggered_by"], report["result"]) == ("chain", session, "success")
+    assert _snapshots_ever_taken(lab) == len(vms) + 1, "each VM task took one snapshot: none ran twice"
+    assert sorted(p["vm"] for p in lab.points(job="nightly")) == sorted(vms)
+    assert lab.backupd_snapshots() == {}
+    log = restarted.stop()
+    assert f"session {session} of job nightly ended: success" in log
+
+
+def test_a_recursive_stop_with_a_drain_period_cancels_the_vm_tasks_on_proxies_and_the_chain(lab: Lab, proxies, daemons) -> None:  # noqa: ANN001
+    """``job stop --recursive --drain 1`` of a daemon's session whose VM tasks run on proxies:
+    the graceful stop lets them run, the drain period's end cancels them on the proxies
+    (snapshots removed, nothing committed) and the chained job does not start."""
+    vms = {"vm-0": "16 MiB", "vm-1": "16 MiB"}
+    _configure(lab, vms, max_parallel_vms=2)
+    lab.configure(read_mib_per_s=1, jobs={**lab.settings["jobs"], "report": {"vms": ["vm-0"], "proxy_pool": lab.pool,  # type: ignore[attr-defined]
+                                                                             "schedule": {"after": "nightly"}}})
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+    proxies(1, "host-a")
+    proxies(1, "host-b")
+    daemon = daemons()
+    session = lab.run_json("job", "start", "nightly")["session"]
+    lab.wait_for_vms_in_flight(session, list(vms), timeout=90)
+
+    stops = lab.run_json("job", "stop", "nightly", "--recursive", "--drain", "1")["stops"]
+    assert [(s["job"], s["outcome"]) for s in stops] == [("nightly", "stop_requested")]
+    doc = lab.wait_stopped(session, timeout=90)
+
+    assert (doc["result"], doc["stop"]["mode"], doc["stop"]["recursive"]) == ("failed", "immediate", True)
+    assert doc["stop"]["drain_deadline"] and any("the drain period ended" in line["text"] for line in doc["log"])
+    assert {vm["status"] for vm in doc["vms"]} == {"cancelled"}, doc["vms"]
+    assert {vm["proxy"]["host"] for vm in doc["vms"]} == {"host-a", "host-b"}
+    assert all(vm["snapshot"]["removed"] for vm in doc["vms"]), doc["vms"]
+    daemon.wait_log(f"job report: not started after session {session}: that session was stopped recursively")
+    assert lab.sessions("report") == []
+    assert lab.points(job="nightly") == [] and lab.backupd_snapshots() == {}
+
+
+def test_auto_retry_reprocesses_the_vms_of_a_killed_proxy_on_another(lab: Lab, proxies, daemons) -> None:  # noqa: ANN001
+    """A proxy killed mid-task: its VM ends ``failed`` (proxy lost), the session ``failed``,
+    and the daemon's automatic retry processes that VM alone, on the live proxy."""
+    vms = {"vm-0": "4 MiB", "vm-1": "4 MiB"}
+    _configure(lab, vms, max_parallel_vms=2, auto_retry={"times": 1, "wait_seconds": 0})
+    for seed, vm in enumerate(vms):
+        lab.fill(vm, seed=seed)
+        lab.pause(vm, "create_snapshot")  # held at the snapshot, so each proxy holds one VM task
+    doomed = proxies(1, "host-doomed")
+    survivor = proxies(1, "host-survivor")
+    daemons()
+    first = lab.run_json("job", "start", "nightly")["session"]
+    wait_until(lambda: all(lab.pause(vm, "create_snapshot") == 1 for vm in vms), timeout=90,
+               what="both VM tasks to be held at their snapshot on the proxies")
+    (lost,) = [vm["name"] for vm in lab.session(first)["vms"] if vm["proxy"]["host"] == doomed.host]
+
+    doomed.kill()
+    for vm in vms:
+        lab.sim("fault", vm, "--clear")
+    failed = lab.wait_stopped(first, timeout=90)
+
+    assert failed["result"] == "failed"
+    assert vms_by_name(failed)[lost]["error"].startswith("proxy lost: proxy pid"), failed["vms"]
+    (retry,) = wait_until(lambda: [s for s in lab.sessions("nightly") if s["id"] != first and s["state"] == "stopped"],
+                          timeout=90, what="the automatic retry to end")
+    retry = lab.session(retry["id"])
+    assert (retry["trigger"], retry["retry_of"], retry["result"]) == ("auto_retry", first, "success")
+    assert [(vm["name"], vm["proxy"]["host"]) for vm in retry["vms"]] == [(lost, survivor.host)]
+    assert lab.restore(lost)[1] == bytes(lab.disks[lost])
+    assert lab.backupd_snapshots() == {}
+
+
 def test_a_pool_without_a_live_proxy_waits_then_fails_its_vms(lab: Lab) -> None:
     _configure(lab, {"vm-0": "4 MiB", "vm-1": "4 MiB"}, proxy_wait_seconds=2)
 
@@ -230,21 +359,137 @@ def test_a_pool_without_a_live_proxy_waits_then_fails_its_vms(lab: Lab) -> None:
     assert any("no live backup proxy; waiting up to 2 s" in line["text"] for line in doc["log"])
 
 
+class CuttableLink:
+    """A TCP forwarder of this test to a service (the broker), which the test can cut (every
+    connection through it closed, new ones closed at once) and restore, the way a network
+    failure between a proxy and the broker would, without touching the shared broker."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.server.getsockname()[1]
+        self._up = threading.Event()
+        self._up.set()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            try:
+                if not self._up.is_set():
+                    raise ConnectionRefusedError("the link is cut")
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), name="link-pump", daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self._up.clear()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for end in sockets:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+
+    def restore(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_a_proxy_cut_off_from_the_broker_pauses_says_so_and_takes_work_again_when_it_is_back(lab: Lab, proxies) -> None:  # noqa: ANN001
+    link = CuttableLink(("127.0.0.1", 5672))
+    try:
+        _configure(lab, {"vm-0": "4 MiB"})
+        lab.configure(proxies={"broker": f"amqp://guest:guest@127.0.0.1:{link.port}//", "proxy_wait_seconds": 600})
+        lab.fill("vm-0")
+        proxy = proxies(1, "host-a")
+
+        def status() -> str:
+            return next(p["status"] for p in lab.run_json("proxy", "list") if p["pid"] == proxy.pid)
+
+        link.cut()
+        wait_until(lambda: status() == "paused", timeout=60, what="the proxy to be paused")
+        assert "cannot reach the broker amqp://guest:***@127.0.0.1" in proxy.log()
+        assert "taking no VM task until it is back" in proxy.log()
+        (listed,) = [p for p in lab.run_json("proxy", "list") if p["pid"] == proxy.pid]
+        assert "cannot reach the broker" in (listed.get("note") or ""), listed
+
+        link.restore()
+        wait_until(lambda: status() == "up", timeout=60, what="the proxy to be up again")
+        doc = lab.start_wait("nightly")
+        assert doc["result"] == "success" and doc["vms"][0]["proxy"]["pid"] == proxy.pid
+    finally:
+        link.close()
+
+
+def test_a_proxy_cut_off_from_the_state_db_stops_taking_work_says_so_and_resumes(lab: Lab) -> None:
+    """A proxy whose own config reaches PostgreSQL through a link the test cuts: it cancels
+    its queue consumer and says so; once the link is back it consumes again and runs a VM
+    task (the lab's CLI and sessions reach PostgreSQL directly)."""
+    link = CuttableLink(("127.0.0.1", 5432))
+    _configure(lab, {"vm-0": "4 MiB"})
+    lab.fill("vm-0")
+    own = lab.site / "proxy.toml"
+    own.write_text(lab.config.read_text().replace("@127.0.0.1:5432/", f"@127.0.0.1:{link.port}/"))
+    err = lab.scratch / "proxy-cut.err"
+    with err.open("w") as stderr:
+        proxy = subprocess.Popen([sys.executable, "-m", "backupd", "-c", str(own), "proxy", "--pool", lab.pool,  # type: ignore[attr-defined]
+                                  "--max-tasks", "1", "--host-id", "host-cut"], cwd=lab.site, stdout=subprocess.DEVNULL,
+                                 stderr=stderr)
+    try:
+        wait_until(lambda: any(p["pid"] == proxy.pid and p["status"] == "up" for p in lab.run_json("proxy", "list")),
+                   timeout=90, what="the proxy to be up")
+        link.cut()
+        wait_until(lambda: "taking no VM task until the state DB is back" in err.read_text(), timeout=60,
+                   what="the proxy to say it lost the state DB")
+        assert "cannot be used" in err.read_text()
+        link.restore()
+        wait_until(lambda: "the state DB is back; taking VM tasks again" in err.read_text(), timeout=60,
+                   what="the proxy to take work again")
+        doc = lab.start_wait("nightly")
+        assert doc["result"] == "success" and doc["vms"][0]["proxy"]["pid"] == proxy.pid
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        try:
+            proxy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
+        link.close()
+
+
 def test_proxies_need_a_postgresql_state_db(tmp_path) -> None:  # noqa: ANN001
     lab = Lab(tmp_path)
     lab.configure(vms={"vm-0": "4 MiB"}, jobs={"nightly": {"vms": ["vm-0"]}}, proxies={"broker": BROKER_URL})
     proc = lab.run("job", "list")
     assert proc.returncode == 78, describe(proc, "a config error")
     assert "backup proxies need a PostgreSQL state DB" in proc.stderr
-
-
-def _hold_reads(lab: Lab, vms: Iterable[str]) -> None:
-    """Hold every VM's disk reads (the simulated hypervisor's pause, seen by every process): a
-    VM task that starts is in flight, its snapshot taken, until :func:`_release_reads`."""
-    for vm in vms:
-        lab.sim("fault", vm, "--op", "read", "--pause")
-
-
-def _release_reads(lab: Lab, vms: Iterable[str]) -> None:
-    for vm in vms:
-        lab.sim("fault", vm, "--resume")

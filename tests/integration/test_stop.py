@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from labkit import EXIT_FAILED, EXIT_NO_SESSION, EXIT_USAGE, EXIT_WARNING, Lab, on_every_state_db, vms_by_name
+from labkit import EXIT_FAILED, EXIT_NO_SESSION, EXIT_USAGE, EXIT_WARNING, Lab, on_every_state_db, vms_by_name, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -82,20 +82,31 @@ def test_graceful_stop_lets_vms_in_flight_finish_and_skips_the_rest(lab: Lab) ->
     """Given a session with two VMs in flight and one waiting, when ``job stop`` (graceful, the
     default) comes from another process, then the VMs in flight complete their restore points
     and snapshot removal, the waiting VM ends ``not_processed``, and the session ends
-    ``warning`` (exit 1)."""
-    _three_full_vms(lab, "10 MiB", read_mib_per_s=1)  # 10 s per VM
+    ``warning`` (exit 1).
+
+    The VMs in flight are held mid-transfer by a pause of their reads until the stop has been
+    seen, so no CLI call's latency on a loaded machine can let them finish before the stop
+    lands (a read throttle did, and the session then ended ``success``)."""
+    _three_full_vms(lab, "10 MiB")
+    in_flight = ["vm-a", "vm-b"]
+    for name in in_flight:
+        lab.pause(name, "read")
     runner = lab.popen("job", "start", "nightly", "--wait", "--json")
     session = lab.wait_for_new_session("nightly")
-    lab.wait_for_vms_in_flight(session, ["vm-a", "vm-b"])
+    wait_until(lambda: all(lab.pause(name, "read") >= 1 for name in in_flight), what="both VMs held mid-transfer")
 
     answer = lab.run_json("job", "stop", "nightly")
     assert answer["stops"] == [{"job": "nightly", "session": session, "outcome": "stop_requested", "mode": "graceful"}]
     stopping = lab.wait_for_session(session, lambda d: d["state"] == "stopping", what="state stopping")
     assert stopping["stop"]["mode"] == "graceful"
-    assert {vm["name"]: vm["status"] for vm in stopping["vms"]}["vm-a"] == "running", "VMs in flight go on"
+    statuses = {vm["name"]: vm["status"] for vm in stopping["vms"]}
+    assert (statuses["vm-a"], statuses["vm-b"]) == ("running", "running"), "VMs in flight go on"
+    assert statuses["vm-c"] in ("pending", "not_processed"), "the VM waiting for a slot never starts"
 
     again = lab.run_json("job", "stop", "nightly")
     assert again["stops"][0]["outcome"] == "stop_requested", "repeating a stop under way is harmless"
+    for name in in_flight:
+        lab.resume(name)
 
     doc = runner.finish_json(rc=EXIT_WARNING, timeout=60)
     assert (doc["state"], doc["result"]) == ("stopped", "warning")
