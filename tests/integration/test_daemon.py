@@ -94,16 +94,23 @@ def test_a_chain_runs_in_order_and_a_recursive_stop_stops_it(lab: Lab, daemons) 
 
 
 def test_a_window_ending_mid_session_stops_it_gracefully_then_immediately(lab: Lab, daemons) -> None:  # noqa: ANN001
+    # The window ends 30 s from now: time for the daemon to start its first session even on a
+    # loaded machine; vm-a's reads are held, so that session is in flight when the window ends.
     now = datetime.now(timezone.utc)
-    start, end = (now - timedelta(hours=1)).strftime("%H:%M:%S"), (now + timedelta(seconds=6)).strftime("%H:%M:%S")
+    start, end = (now - timedelta(hours=1)).strftime("%H:%M:%S"), (now + timedelta(seconds=30)).strftime("%H:%M:%S")
     lab.configure(
         vms={"vm-a": "32 MiB", "vm-b": "4 MiB"},
         jobs={"nightly": {"vms": ["vm-a", "vm-b"], "schedule": {"every": "1s", "timezone": "UTC"},
                           "backup_window": {"start": start, "end": end}, "drain_period_seconds": 2}},
-        read_mib_per_s=2,
     )
     lab.fill("vm-a")
+    lab.pause("vm-a", "read")
     daemon = daemons()
+    first = lab.wait_for_new_session("nightly", timeout=30)
+    lab.wait_for_vms_in_flight(first, ["vm-a"], timeout=30)
+    lab.wait_for_session(first, lambda d: (d["stop"] or {}).get("mode") == "immediate", timeout=90,
+                         what="the window's graceful stop to escalate after the drain period")
+    lab.resume("vm-a")
 
     (session,) = _ended(lab, "nightly", 1, timeout=90)
     assert session["trigger"] == "schedule"
@@ -204,9 +211,10 @@ def test_kill_9_of_a_session_process_and_of_the_daemon_then_restart(lab: Lab, da
 
     lab.configure(read_mib_per_s=0, jobs={"nightly": {"vms": ["vm-a", "vm-b"], "schedule": {"every": "2s"}}})
     restarted = daemons()
-    wait_until(lambda: lab.session(second)["state"] == "stopped", what="the session killed with the daemon to end")
+    wait_until(lambda: lab.session(second)["state"] == "stopped", timeout=90,
+               what="the session killed with the daemon to end")
     scheduled = wait_until(lambda: [s for s in _sessions(lab, "nightly") if s["trigger"] == "schedule"
-                                    and s["state"] == "stopped"], what="a scheduled session after the restart")
+                                    and s["state"] == "stopped"], timeout=90, what="a scheduled session after the restart")
     assert scheduled[0]["result"] == "success"
     log = restarted.stop()
     assert f"session {session} of job nightly ended" not in log, "an end its predecessor handled is not acted on again"
