@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
@@ -243,6 +244,10 @@ class StateStore:
         self.url = url
         parsed = make_url(url)
         sqlite = parsed.get_backend_name() == "sqlite"
+        #: held by this process's writing DB sessions on SQLite (see :meth:`_session`);
+        #: re-entrant: a write may nest another (:meth:`try_lock_vm`)
+        self._sqlite_writer: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if sqlite else contextlib.nullcontext())
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
@@ -335,14 +340,21 @@ class StateStore:
         self.engine.dispose()
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[Session]:
+    def _session(self, *, write: bool = False) -> Iterator[Session]:
         """A DB session whose failures (disk full, a lock held past the busy timeout, a lost
-        server) surface as one :class:`StateError` naming the DB, without its password."""
-        try:
-            with Session(self.engine, expire_on_commit=False) as db:
-                yield db
-        except DBAPIError as exc:
-            raise StateError(f"the state DB {self._safe_url()} cannot be used: {_reason(exc)}") from exc
+        server) surface as one :class:`StateError` naming the DB, without its password.
+
+        ``write``: the session writes. On SQLite, writing sessions of this process's threads
+        then take turns on :attr:`_sqlite_writer` instead of meeting in SQLite's busy handler,
+        which answers a writer held up by another with sleeps of 1, 2, 5, 10 ms and more
+        (``sqlite3_busy_timeout``): about a hundred of them per session of 10 VMs, 4 at once.
+        Readers never wait (WAL). Other processes still meet in the busy handler."""
+        with self._sqlite_writer if write else contextlib.nullcontext():
+            try:
+                with Session(self.engine, expire_on_commit=False) as db:
+                    yield db
+            except DBAPIError as exc:
+                raise StateError(f"the state DB {self._safe_url()} cannot be used: {_reason(exc)}") from exc
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -366,7 +378,7 @@ class StateStore:
             ``job start`` hands the session over); by default this process.
         """
         host, pid = owner or (socket.gethostname(), os.getpid())
-        with self._session() as db:
+        with self._session(write=True) as db:
             # The creating process (or the daemon it hands the session to) owns the session
             # until a runner claims it, so a session whose owner died before any runner
             # started is seen as dead, not running.
@@ -410,7 +422,7 @@ class StateStore:
             return list(db.exec(query))
 
     def update_session(self, session_id: int, **fields: Any) -> None:
-        with self._session() as db:
+        with self._session(write=True) as db:
             db.exec(update(JobSession).where(JobSession.id == session_id).values(**fields))  # type: ignore[call-overload]
             db.commit()
 
@@ -479,7 +491,7 @@ class StateStore:
             .where(VmTask.session_id == session_id, VmTask.status.in_([TaskStatus.PENDING, TaskStatus.RUNNING]))  # type: ignore[attr-defined]
             .exists()
         )
-        with self._session() as db:
+        with self._session(write=True) as db:
             if recursive:  # even too late to stop its VMs, the chain must start nothing more
                 db.exec(
                     update(JobSession)  # type: ignore[call-overload]
@@ -532,7 +544,7 @@ class StateStore:
 
         :returns: whether the session was moved.
         """
-        with self._session() as db:
+        with self._session(write=True) as db:
             moved = db.exec(
                 update(JobSession)  # type: ignore[call-overload]
                 .where(JobSession.id == session_id, JobSession.state == from_state)
@@ -583,7 +595,7 @@ class StateStore:
         """
         live = select(JobSession.id).where(JobSession.id == VmTask.session_id,
                                            JobSession.state != SessionState.STOPPED).exists()
-        with self._session() as db:
+        with self._session(write=True) as db:
             claimed = db.exec(
                 update(VmTask)  # type: ignore[call-overload]
                 .where(VmTask.id == task_id, VmTask.status == TaskStatus.PENDING, live)
@@ -597,7 +609,7 @@ class StateStore:
 
         :returns: whether it was still pending and is now ended.
         """
-        with self._session() as db:
+        with self._session(write=True) as db:
             ended = db.exec(
                 update(VmTask)  # type: ignore[call-overload]
                 .where(VmTask.id == task_id, VmTask.status == TaskStatus.PENDING)
@@ -626,7 +638,7 @@ class StateStore:
     def update_task(self, task_id: int, *, note: SessionLog | None = None, **fields: Any) -> None:
         """Change a VM task's columns and, in the same transaction, add a session log line
         (``note``): one commit where a VM task's progress would otherwise cost two."""
-        with self._session() as db:
+        with self._session(write=True) as db:
             if fields:
                 db.exec(update(VmTask).where(VmTask.id == task_id).values(**fields))  # type: ignore[call-overload]
             if note is not None:
@@ -643,7 +655,7 @@ class StateStore:
     # -- log --------------------------------------------------------------------------------
 
     def log(self, session_id: int, text: str, *, level: str = "info", vm: str | None = None) -> None:
-        with self._session() as db:
+        with self._session(write=True) as db:
             db.add(SessionLog(session_id=session_id, level=level, vm=vm, text=text))
             db.commit()
 
@@ -660,7 +672,7 @@ class StateStore:
         :returns: None when taken (or already held by this session), else the id of the
             session holding it. A lock held by a session that has ended is taken over.
         """
-        with self._session() as db:
+        with self._session(write=True) as db:
             try:
                 db.add(VmLock(key=key, session_id=session_id))
                 db.commit()
@@ -683,12 +695,12 @@ class StateStore:
 
     def release_locks(self, session_id: int) -> None:
         """Release every VM lock a session holds (recovery of a dead session)."""
-        with self._session() as db:
+        with self._session(write=True) as db:
             db.exec(delete(VmLock).where(VmLock.session_id == session_id))  # type: ignore[call-overload]
             db.commit()
 
     def release_vm(self, key: str, session_id: int) -> None:
-        with self._session() as db:
+        with self._session(write=True) as db:
             lock = db.get(VmLock, key)
             if lock is not None and lock.session_id == session_id:
                 db.delete(lock)
@@ -742,7 +754,7 @@ class StateStore:
             condition.append(JobSession.stop_mode.is_(None))  # type: ignore[union-attr]
         elif if_stop_mode is not ANY_STOP_MODE:
             condition.append(JobSession.stop_mode == if_stop_mode)
-        with self._session() as db:
+        with self._session(write=True) as db:
             ended = db.exec(
                 update(JobSession)  # type: ignore[call-overload]
                 .where(*condition)
@@ -871,7 +883,7 @@ class DaemonRegistry:
     def register(self, config_path: str) -> None:
         """Record this process as the running daemon (after it took the daemon lock)."""
         now = utcnow()
-        with self._store._session() as db:
+        with self._store._session(write=True) as db:
             db.merge(Daemon(name="main", host=socket.gethostname(), pid=os.getpid(), started_at=now,
                             heartbeat_at=now, config_path=config_path))
             db.commit()
@@ -880,7 +892,7 @@ class DaemonRegistry:
         """The daemon's heartbeat, which is also that of the sessions waiting in it for a
         process (state ``starting``, owned by the daemon): they are alive while it is."""
         now = utcnow()
-        with self._store._session() as db:
+        with self._store._session(write=True) as db:
             db.exec(update(Daemon).where(Daemon.name == "main").values(heartbeat_at=now))  # type: ignore[call-overload]
             db.exec(
                 update(JobSession)  # type: ignore[call-overload]
@@ -893,7 +905,7 @@ class DaemonRegistry:
     def unregister(self) -> None:
         """The daemon is stopping: no next runs any more; its row stays, its heartbeat the
         moment it was last up (the next daemon starts runs missed since then)."""
-        with self._store._session() as db:
+        with self._store._session(write=True) as db:
             db.exec(update(Daemon).where(Daemon.name == "main").values(heartbeat_at=utcnow()))  # type: ignore[call-overload]
             db.exec(delete(JobSchedule))  # type: ignore[call-overload]
             db.commit()
@@ -919,7 +931,7 @@ class DaemonRegistry:
     def set_schedules(self, runs: dict[str, tuple[datetime | None, str]]) -> None:
         """Replace every job's next run: ``{job: (next run or None, description)}``."""
         now = utcnow()
-        with self._store._session() as db:
+        with self._store._session(write=True) as db:
             db.exec(delete(JobSchedule))  # type: ignore[call-overload]
             for job, (next_run, description) in runs.items():
                 db.add(JobSchedule(job=job, next_run=next_run, schedule=description, updated_at=now))
