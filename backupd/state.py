@@ -635,14 +635,20 @@ class StateStore:
             )
             return list(db.exec(query))
 
-    def update_task(self, task_id: int, *, note: SessionLog | None = None, **fields: Any) -> None:
+    def update_task(self, task_id: int, *, note: SessionLog | None = None,
+                    unlock: tuple[str, int] | None = None, **fields: Any) -> None:
         """Change a VM task's columns and, in the same transaction, add a session log line
-        (``note``): one commit where a VM task's progress would otherwise cost two."""
+        (``note``) and release a VM lock (``unlock``: key and holding session, as
+        :meth:`release_vm`): one commit where a VM task's progress would otherwise cost two
+        or three."""
         with self._session(write=True) as db:
             if fields:
                 db.exec(update(VmTask).where(VmTask.id == task_id).values(**fields))  # type: ignore[call-overload]
             if note is not None:
                 db.add(note)
+            if unlock is not None:
+                key, session_id = unlock
+                db.exec(delete(VmLock).where(VmLock.key == key, VmLock.session_id == session_id))  # type: ignore[call-overload]
             db.commit()
 
     def last_results(self) -> dict[str, JobSession]:
