@@ -146,6 +146,8 @@ class VmTask:
         self._bytes_read = 0
         self._bytes_stored = 0
         self._last_progress = 0.0
+        #: the key of the VM lock this task holds, released with the task's end record
+        self._lock_key: str | None = None
 
     # -- outcome ----------------------------------------------------------------------------
 
@@ -163,12 +165,8 @@ class VmTask:
         try:
             vm = self._retry(lambda: self.provider.find_vm(self.vm_name))
             self._update(vm_id=vm.id)
-            lock_key = vm_lock_key(self.job.provider, vm.id)
-            self._wait_for_vm_lock(lock_key)
-            try:
-                point_id, mode = self._process(vm)
-            finally:
-                self.store.release_vm(lock_key, self.session_id)
+            self._wait_for_vm_lock(vm_lock_key(self.job.provider, vm.id))
+            point_id, mode = self._process(vm)
         except _NotStarted:
             self._finish(TaskStatus.NOT_PROCESSED, stage=None)
             return
@@ -194,8 +192,13 @@ class VmTask:
         self._finish(TaskStatus.FAILED, error=text)
 
     def _finish(self, status: TaskStatus, **fields: object) -> None:
+        """Record the task's end and release its VM lock, in one commit. (If the state DB
+        fails first, the lock goes with the session: recovery releases a dead session's
+        locks, and :meth:`StateStore.try_lock_vm` takes over those of an ended one.)"""
         fields.setdefault("stage", "done")
-        self._update(status=status, ended_at=utcnow(), bytes_read=self._bytes_read, bytes_stored=self._bytes_stored, **fields)
+        self.store.update_task(self.row.id, unlock=(self._lock_key, self.session_id) if self._lock_key else None,
+                               status=status, ended_at=utcnow(), bytes_read=self._bytes_read,
+                               bytes_stored=self._bytes_stored, **fields)
 
     # -- the steps --------------------------------------------------------------------------
 
@@ -205,6 +208,7 @@ class VmTask:
         while True:
             holder = self.store.try_lock_vm(key, self.session_id)
             if holder is None:
+                self._lock_key = key
                 return
             if any(dead.id == holder for dead in self.store.dead_sessions()):
                 recover_dead_sessions(self.config, self.store)  # frees the lock of a dead runner
@@ -233,13 +237,14 @@ class VmTask:
         try:
             # Recorded before anything else, and inside the try: whatever fails from here on
             # (the state DB included), the snapshot is removed.
-            self._update(snapshot_id=snapshot.id,
+            self._update(snapshot_id=snapshot.id, stage="transfer",
                          note=f"snapshot {snapshot.id} created" + (" (quiesced)" if snapshot.quiesced else ""))
             self._check_cancel()
             point_id, mode = self._transfer(vm, snapshot)
-        finally:
+        except BaseException:
             self._remove_snapshot(snapshot)
-        self._update(stage="retention")
+            raise
+        self._remove_snapshot(snapshot, committed=True)
         self._apply_retention(vm)
         return point_id, mode
 
@@ -287,10 +292,17 @@ class VmTask:
             self._log(self.warnings[-1], level="warning")
             return self._retry(create(False))
 
-    def _remove_snapshot(self, snapshot: Snapshot) -> None:
+    def _remove_snapshot(self, snapshot: Snapshot, *, committed: bool = False) -> None:
         """Remove the snapshot, retrying transient errors even during an immediate stop (the
-        contract: every snapshot the session created is removed)."""
-        self._best_effort(self._update, stage="remove_snapshot")
+        contract: every snapshot the session created is removed).
+
+        :param committed: the restore point is committed (its record already set the stage
+            ``remove_snapshot``) and retention follows: the removal's record sets the stage
+            ``retention``, saving a commit each.
+        """
+        next_stage = {"stage": "retention"} if committed else {}
+        if not committed:
+            self._best_effort(self._update, stage="remove_snapshot")
         try:
             call_with_retry(
                 lambda: self.provider.remove_snapshot(snapshot), self.job.retry,
@@ -299,10 +311,10 @@ class VmTask:
         except ProviderError as exc:
             text = f"snapshot {snapshot.id} could not be removed: {exc}"
             self.warnings.append(text)
-            self._update(snapshot_error=str(exc))
+            self._update(snapshot_error=str(exc), **next_stage)
             self._log(text, level="error")
             return
-        self._update(snapshot_removed=True, note=f"snapshot {snapshot.id} removed")
+        self._update(snapshot_removed=True, note=f"snapshot {snapshot.id} removed", **next_stage)
 
     def _best_effort(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Progress bookkeeping that must not keep a snapshot from being removed. A state DB
@@ -316,7 +328,6 @@ class VmTask:
             log.exception("VM task %s of session %s: state DB update failed", self.vm_name, self.session_id)
 
     def _transfer(self, vm: VmInfo, snapshot: Snapshot) -> tuple[str, TransferMode]:
-        self._update(stage="transfer")
         plans = self._plan(vm, snapshot)
         vm_config = self._retry(lambda: self.provider.vm_config(snapshot))
         mode = TransferMode.INCREMENTAL if all(p.base_point for p in plans) else TransferMode.FULL
@@ -346,7 +357,8 @@ class VmTask:
         self._bytes_stored = info.stored_bytes
         # Recorded at once: whatever happens to this process from here on, the state DB
         # names the restore point the repository now holds.
-        self._update(restore_point=info.id, note=f"restore point {info.id} committed ({mode.value}, "
+        self._update(restore_point=info.id, stage="remove_snapshot",
+                     note=f"restore point {info.id} committed ({mode.value}, "
                      f"{self._bytes_read} bytes read, {self._bytes_stored} stored)")
         return info.id, mode
 

@@ -265,10 +265,11 @@ class StateDb:
         return self.rows("SELECT count(*) AS n FROM job_session WHERE job LIKE 'load-%' "
                          "AND state = 'stopped'")[0]["n"]
 
-    def load_sessions(self) -> list[dict[str, Any]]:
-        """The load's sessions, each with its VM tasks and log lines."""
+    def load_sessions(self, jobs: str = "load-%") -> list[dict[str, Any]]:
+        """The sessions of the jobs matching ``jobs`` (SQL ``LIKE``; default: the load's),
+        each with its VM tasks and log lines."""
         sessions = self.rows("SELECT id, job, result, created_at, started_at, ended_at "
-                             "FROM job_session WHERE job LIKE 'load-%' ORDER BY id")
+                             "FROM job_session WHERE job LIKE :jobs ORDER BY id", jobs=jobs)
         for session in sessions:
             session["tasks"] = self.rows("SELECT vm, status, bytes_read, started_at, ended_at "
                                          "FROM vm_task WHERE session_id = :id", id=session["id"])
@@ -390,10 +391,10 @@ def wait_for_load(db: StateDb, daemon: Daemon, memory: SessionMemory, sessions: 
         time.sleep(SAMPLE_SECONDS)
 
 
-def overhead_alone(cli: Backupd) -> list[float]:
-    """ms per VM of :data:`ALONE_RUNS` sessions of ``alone`` in the foreground (``--wait``)."""
+def overhead_alone(cli: Backupd, runs_wanted: int = ALONE_RUNS) -> list[float]:
+    """ms per VM of ``runs_wanted`` sessions of ``alone`` in the foreground (``--wait``)."""
     runs = []
-    for _ in range(ALONE_RUNS):
+    for _ in range(runs_wanted):
         session = cli.json("job", "start", "alone", "--wait")
         runs.append(1000 * session["duration_seconds"] / len(session["vms"]))
     return runs
@@ -564,6 +565,58 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_alone(lab: Path, state_url: str, vms: int, runs: int) -> dict[str, Any]:
+    """Only the sessions of ``alone`` (no daemon, no load): ``runs`` of them, ms per VM, and
+    where their time goes (the steps of :func:`vm_steps` and :func:`session_steps`, medians
+    over all the runs)."""
+    cli = prepare_lab(lab, state_url, 1, vms)
+    ms_per_vm = overhead_alone(cli, runs)
+    steps: dict[str, list[float]] = {}
+    for session in StateDb(state_url).load_sessions("alone"):
+        for name, values in vm_steps(session).items():
+            steps.setdefault(f"VM: {name}", []).extend(values)
+        setup_and_tail = session_steps(session)
+        for name in ("setup", "tail (gc, end)"):
+            steps.setdefault(f"session: {name}", []).append(setup_and_tail[name])
+    return {"state_url": state_url, "ms_per_vm": ms_per_vm, "load_average": os.getloadavg()[0],
+            "steps_median_seconds": {name: statistics.median(v) for name, v in steps.items() if v}}
+
+
+def alone_only(lab: Path, vms: int, runs: int) -> dict[str, Any]:
+    """``--alone-only``: :func:`bench_alone` on SQLite and on a fresh PostgreSQL database
+    (skipped with the reason when there is none)."""
+    results: dict[str, Any] = {"sqlite": bench_alone(lab / "sqlite", f"sqlite:///{lab / 'sqlite' / 'state.db'}",
+                                                     vms, runs)}
+    try:
+        name = create_pg_database()
+    except (BenchError, FileNotFoundError) as exc:
+        results["postgresql"] = {"skipped": f"no PostgreSQL server to use: {exc}"}
+        return results
+    try:
+        results["postgresql"] = bench_alone(lab / "postgresql", f"{POSTGRES}/{name}", vms, runs)
+    except StateDbUnavailable as exc:
+        results["postgresql"] = {"skipped": f"PostgreSQL state DB not available in this build: {exc}"}
+    finally:
+        psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return results
+
+
+def report_alone(results: dict[str, Any]) -> str:
+    """The ``--alone-only`` lines: per state DB, ms per VM of every run and the steps."""
+    lines = []
+    for name, key in (("SQLite", "sqlite"), ("PostgreSQL", "postgresql")):
+        run = results[key]
+        if "skipped" in run:
+            lines.append(f"{name}: {run['skipped']}")
+            continue
+        steps = ", ".join(f"{k} {1000 * v:.1f}" for k, v in run["steps_median_seconds"].items())
+        lines += [f"{name}: per-VM overhead alone, median {statistics.median(run['ms_per_vm']):.1f} ms "
+                  f"(runs: {' / '.join(f'{v:.1f}' for v in run['ms_per_vm'])}; load average "
+                  f"{run['load_average']:.1f})",
+                  f"{name}: where the time goes, medians in ms: {steps}"]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``bench/daemon.py [--lab DIR] [--jobs N] [--vms N]``: print the table, write
     ``LAB/results.json``."""
@@ -572,8 +625,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder for the labs, rebuilt on every run (default: bench-lab/daemon)")
     parser.add_argument("--jobs", type=int, default=100, help="jobs in the load (default 100)")
     parser.add_argument("--vms", type=int, default=10, help="VMs per job (default 10)")
+    parser.add_argument("--alone-only", type=int, metavar="RUNS",
+                        help="only the job alone, RUNS sessions per state DB, no daemon: the "
+                             "per-VM overhead without contention and where it goes, in a minute")
     args = parser.parse_args(argv)
     lab = args.lab.resolve()
+    if args.alone_only:
+        try:
+            results = alone_only(lab, args.vms, args.alone_only)
+        except BenchError as exc:
+            progress(f"error: {exc}")
+            return 1
+        (lab / "results-alone.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(report_alone(results))
+        return 0
     started = time.perf_counter()
     results: dict[str, Any] = {"jobs": args.jobs, "vms_per_job": args.vms,
                                "load_average_before": os.getloadavg()[0], "cpus": os.cpu_count(),

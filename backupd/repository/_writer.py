@@ -4,7 +4,8 @@ Life of a writer: ``new_point`` takes the repository lock shared and creates
 ``staging/<id>/`` with a locked owner file; ``add_disk`` starts each disk's block map (all
 zero, or a copy of a base point's); worker threads call ``put_block``, which stages blocks the
 store does not have; ``commit`` flushes the file system, publishes the staged blocks into
-``blocks/``, flushes again, and only then writes the manifest (tmp, fsync, link, fsync
+``blocks/``, flushes again (both flushes skipped when no non-zero block was put), and only
+then writes the manifest (tmp, fsync, link, fsync
 folder). Until that last step nothing is a restore point; ``abort`` (or a crash, discarded on
 the next open) leaves nothing behind but unreferenced blocks, which garbage collection
 removes.
@@ -81,6 +82,10 @@ class PointWriter:
         self._guard = threading.Condition()
         self._in_flight = 0
         self._bytes_read = 0
+        #: a put_block recorded a non-zero block (stored now or deduplicated): the commit
+        #: must flush; a point of zero blocks and inherited entries only references blocks
+        #: made durable before their own point's manifest was written
+        self._new_references = False
         self._repo_lock = lock_shared(layout.lock_file)
         try:
             self._staging = Staging.create(layout.staging, self.id)
@@ -240,7 +245,16 @@ class PointWriter:
         return info
 
     def _publish_blocks(self) -> int:
-        """Flush, move staged blocks into the store, flush; returns compressed bytes added."""
+        """Flush, move staged blocks into the store, flush; returns compressed bytes added.
+
+        Nothing to flush (no ``syncfs``) when no ``put_block`` recorded a non-zero block: the
+        point then references only zero entries and blocks inherited from its base point,
+        which were durable before the base point's manifest was written (and
+        :attr:`DiskWriter.missing` makes a block no longer stored be put again), and no block
+        was staged.
+        """
+        if not self._new_references:
+            return 0
         root = self._layout.root
         sync_filesystem(root)
         stored = 0
@@ -288,10 +302,11 @@ class PointWriter:
             self._require_open()
             self._in_flight += 1
 
-    def _leave_put(self, bytes_read: int) -> None:
+    def _leave_put(self, bytes_read: int, new_reference: bool) -> None:
         with self._guard:
             self._in_flight -= 1
             self._bytes_read += bytes_read
+            self._new_references = self._new_references or new_reference
             self._guard.notify_all()
 
 
@@ -343,15 +358,14 @@ class DiskWriter:
             raise ValueError(f"block {index} of disk {self.disk.key} has {len(data)} bytes")
         self._point._enter_put()
         written = 0
+        digest = ZERO_DIGEST
         try:
-            if data == (self._zero_last if last else self._zero):
-                digest = ZERO_DIGEST
-            else:
+            if data != (self._zero_last if last else self._zero):
                 digest = block_digest(data)
                 if not self._store.contains(digest):
                     written = self._store.stage(self._staging, digest, data)
             self.block_map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest
             self.missing.discard(index)
         finally:
-            self._point._leave_put(len(data))
+            self._point._leave_put(len(data), digest != ZERO_DIGEST)
         return written

@@ -162,6 +162,36 @@ def test_incremental_point_is_complete_base_plus_changes(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("changed", "syncs"),
+    [
+        ([], 0),  # an unchanged VM: only inherited entries
+        ([3], 0),  # a zero block put: still nothing new referenced
+        ([1], 2),  # a block already stored (deduplicated): it may be a concurrent writer's, not yet durable
+        ([2], 2),  # a new block: staged, published
+    ],
+)
+def test_commit_flushes_the_file_system_only_when_a_non_zero_block_was_put(tmp_path, monkeypatch, changed, syncs):
+    from backupd.repository import _writer
+
+    repo = make_repo(tmp_path)
+    image = disk_image(11, 4, zero_blocks=(3,))
+    base = backup(repo, "vm", {2000: image})
+    new = bytearray(image)
+    new[1 * BS : 2 * BS] = image[0:BS]  # block 1 now holds block 0's bytes: deduplicated
+    new[2 * BS : 3 * BS] = b"\x02" * BS
+    flushed = []
+    monkeypatch.setattr(_writer, "sync_filesystem", lambda path: flushed.append(path))
+
+    point = backup(repo, "vm", {2000: bytes(new)}, base=base.id, changed=changed)
+
+    assert len(flushed) == syncs
+    expected = bytearray(image)
+    for index in changed:
+        expected[index * BS : (index + 1) * BS] = new[index * BS : (index + 1) * BS]
+    assert restore_bytes(repo, point.id, tmp_path / "out") == [bytes(expected)]
+
+
+@pytest.mark.parametrize(
     ("base_vm", "key", "capacity", "message"),
     [
         ("vm", 9999, 4 * BS, "has no disk 9999"),

@@ -540,3 +540,35 @@ def test_a_job_without_enable_cbt_never_asks_and_provider_notices_reach_the_sess
     assert result == SessionResult.SUCCESS
     warnings = [line.text for line in site.store.log_lines(session_id) if line.level == "warning"]
     assert warnings == ["provider lab: TLS certificate verification is OFF"]
+
+
+# -- overhead -----------------------------------------------------------------------------------
+
+
+def test_a_vm_task_of_an_unchanged_vm_commits_to_the_state_db_ten_times_and_releases_its_lock(site: Site) -> None:
+    """Each state DB commit is a VM task's largest cost when nothing changed (docs/performance.md,
+    the daemon's per-VM overhead): running, VM id, lock, stage snapshot, snapshot id, the plan,
+    stage commit, restore point, snapshot removed, end with the lock's release."""
+    from sqlalchemy import event
+    from sqlmodel import select
+
+    from backupd.state import VmLock
+
+    site.run()
+    commits_by_thread: dict[str, int] = {}
+
+    def count(_connection: Any) -> None:
+        name = threading.current_thread().name
+        commits_by_thread[name] = commits_by_thread.get(name, 0) + 1
+
+    event.listen(site.store.engine, "commit", count)
+    session_id, result = site.run()
+    event.remove(site.store.engine, "commit", count)
+
+    assert result is SessionResult.SUCCESS
+    assert {task.mode for task in site.tasks(session_id).values()} == {"incremental"}
+    vm_task_commits = sum(n for name, n in commits_by_thread.items() if name.startswith(f"session-{session_id}-vm"))
+    assert vm_task_commits == 10 * len(VMS)
+    assert {(task.stage, task.snapshot_removed) for task in site.tasks(session_id).values()} == {("done", True)}
+    with site.store._session() as db:
+        assert list(db.exec(select(VmLock))) == []
