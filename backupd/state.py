@@ -222,61 +222,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-class _SqliteWriterTurn:
-    """A turn to write one SQLite state DB: the threads of this process take a re-entrant lock
-    (a write may nest another: :meth:`StateStore.try_lock_vm`), and the outermost holder
-    also an exclusive ``flock`` on ``<database>.write-lock``, which every backupd process
-    writing the DB takes the same way (the daemon, its session processes, the CLI). Both hand
-    the turn to the next writer the moment it is released, where SQLite's busy handler polls
-    with sleeps. A writer that takes no turn (the ``sqlite3`` shell) still meets backupd's in
-    the busy handler, as before; a process that dies drops its ``flock`` with it.
-
-    :param database: the database file's path; None or ``:memory:``: threads only.
-    :raises StateError: (on entering) the lock file cannot be opened or locked.
-    """
-
-    def __init__(self, database: str | None) -> None:
-        self._threads = threading.RLock()
-        self._depth = 0
-        self._path = f"{database}.write-lock" if database and database != ":memory:" else None
-        #: the lock file's descriptor and the process that opened it: a forked child opens
-        #: its own, since an inherited one shares the parent's flock
-        self._fd: tuple[int, int] | None = None
-
-    def __enter__(self) -> None:
-        self._threads.acquire()
-        try:
-            if self._depth == 0 and self._path is not None:
-                fcntl.flock(self._descriptor(), fcntl.LOCK_EX)
-        except OSError as exc:
-            self._threads.release()
-            raise StateError(f"cannot lock {self._path} for a write to the state DB: {exc.strerror}") from exc
-        except BaseException:
-            self._threads.release()
-            raise
-        self._depth += 1
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._depth -= 1
-        try:
-            if self._depth == 0 and self._fd is not None:
-                fcntl.flock(self._fd[0], fcntl.LOCK_UN)
-        finally:
-            self._threads.release()
-
-    def close(self) -> None:
-        """Close the lock file (not while a turn is held)."""
-        if self._fd is not None and self._fd[1] == os.getpid():
-            os.close(self._fd[0])
-        self._fd = None
-
-    def _descriptor(self) -> int:
-        if self._fd is None or self._fd[1] != os.getpid():
-            assert self._path is not None
-            self._fd = (os.open(self._path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600), os.getpid())
-        return self._fd[0]
-
-
 class StateStore:
     """Access to the state DB; safe to share between threads.
 
@@ -300,8 +245,10 @@ class StateStore:
         self.url = url
         parsed = make_url(url)
         sqlite = parsed.get_backend_name() == "sqlite"
-        #: held by writing DB sessions on SQLite (see :meth:`_session`)
-        self._sqlite_writer = _SqliteWriterTurn(parsed.database) if sqlite else None
+        #: held by this process's writing DB sessions on SQLite (see :meth:`_session`);
+        #: re-entrant: a write may nest another (:meth:`try_lock_vm`)
+        self._sqlite_writer: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if sqlite else contextlib.nullcontext())
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
@@ -392,19 +339,17 @@ class StateStore:
 
     def close(self) -> None:
         self.engine.dispose()
-        if self._sqlite_writer is not None:
-            self._sqlite_writer.close()
 
     @contextlib.contextmanager
     def _session(self, *, write: bool = False) -> Iterator[Session]:
         """A DB session (ORM) whose failures (disk full, a lock held past the busy timeout, a
         lost server) surface as one :class:`StateError` naming the DB, without its password.
 
-        ``write``: the session writes. On SQLite, writing sessions then take turns on
-        :attr:`_sqlite_writer` (:class:`_SqliteWriterTurn`) instead of meeting in SQLite's
-        busy handler, which answers a writer held up by another with sleeps of 1, 2, 5, 10 ms
-        and more (``sqlite3_busy_timeout``): about a hundred of them per session of 10 VMs, 4
-        at once. Readers never wait (WAL)."""
+        ``write``: the session writes. On SQLite, writing sessions of this process's threads
+        then take turns on :attr:`_sqlite_writer` instead of meeting in SQLite's busy handler,
+        which answers a writer held up by another with sleeps of 1, 2, 5, 10 ms and more
+        (``sqlite3_busy_timeout``): about a hundred of them per session of 10 VMs, 4 at once.
+        Readers never wait (WAL). Other processes still meet in the busy handler."""
         with self._guarded(write):
             with Session(self.engine, expire_on_commit=False) as db:
                 yield db
@@ -424,7 +369,7 @@ class StateStore:
     @contextlib.contextmanager
     def _guarded(self, write: bool) -> Iterator[None]:
         """:attr:`_sqlite_writer` when ``write``; DB failures raised as :class:`StateError`."""
-        with self._sqlite_writer if write and self._sqlite_writer else contextlib.nullcontext():
+        with self._sqlite_writer if write else contextlib.nullcontext():
             try:
                 yield
             except DBAPIError as exc:

@@ -1,7 +1,6 @@
-"""Writes to a SQLite state DB from many threads (a session's VM tasks and its control thread)
-and from several processes (the daemon's sessions) take turns on a lock and a ``flock``
-instead of in SQLite's busy handler, whose sleeps (1, 2, 5, 10 ms and more) were a large part
-of a VM task's overhead."""
+"""Writes to a SQLite state DB from many threads of one process (a session's VM tasks and its
+control thread) take turns in the process instead of in SQLite's busy handler, whose sleeps
+(1, 2, 5, 10 ms and more) were a large part of a VM task's overhead."""
 
 from __future__ import annotations
 
@@ -81,23 +80,3 @@ def test_threads_racing_for_one_vm_lock_give_it_to_exactly_one(tmp_path):
     winners = [session for session, holder in answers.items() if holder is None]
     assert len(winners) == 1
     assert all(holder == winners[0] for holder in answers.values() if holder is not None)
-
-
-def test_writes_of_two_processes_never_meet_in_sqlite(tmp_path):
-    """Two stores on one DB file stand for two processes (each its own lock file descriptor,
-    so their ``flock`` turns exclude each other as another process's would)."""
-    first = _store_that_never_waits_in_sqlite(tmp_path)
-    second = _store_that_never_waits_in_sqlite(tmp_path)
-    session = first.create_session("nightly", [f"vm-{n}" for n in range(THREADS)], full=False)
-    tasks = first.tasks(session.id)
-
-    def work(number: int) -> None:
-        store = (first, second)[number % 2]
-        for step in range(WRITES):
-            store.update_task(tasks[number].id, bytes_read=step)
-            store.log(session.id, f"line {step}", vm=tasks[number].vm)
-
-    assert _run_threads(work) == []
-    assert len(second.log_lines(session.id)) == THREADS * WRITES
-    first.close()
-    second.close()
