@@ -15,6 +15,10 @@ as a :class:`~concurrent.futures.Future` that is done when the VM task's row is 
     them); claimed ones hear the stop from the state DB themselves;
   - no live proxy in the pool: the session waits and logs it; after ``proxy_wait_seconds``
     the VM tasks waiting for one end ``failed``;
+  - a proxy of the pool lost while a VM task it may have taken is still unclaimed: the task's
+    message is sent again. Delivery is acknowledged when a proxy starts the task, and claiming
+    the row is the task's first step, so a proxy that dies between the two loses the message;
+    claiming is one conditional ``UPDATE``, so a copy that finds the row claimed is skipped;
   - a proxy lost (its heartbeat older than :data:`backupd.proxy_registry.STALE_SECONDS`, or it
     exited) while it held a VM task: the task ends ``failed`` ("proxy lost"), its snapshot is
     removed through the provider, its VM lock released; a restore point it had already
@@ -128,6 +132,9 @@ class ProxyDispatcher(Dispatcher):
         self.app = celery_app(config.proxies)
         self.queue = queue_name(self.pool)
         self._futures: dict[int, Future[None]] = {}
+        #: for each unclaimed VM task, the live proxies of the pool when its message was last
+        #: sent, (host, pid): those that may have taken it (:meth:`_send_again`)
+        self._takers: dict[int, set[tuple[str, int]]] = {}
         self._lock = threading.Lock()
         self._done = threading.Event()
         #: since when no proxy of the pool has been alive (monotonic seconds), None while one is
@@ -139,8 +146,6 @@ class ProxyDispatcher(Dispatcher):
     # -- dispatch ---------------------------------------------------------------------------
 
     def submit(self, row: VmTaskRow) -> "Future[None]":
-        from backupd.celery_app import VM_TASK
-
         future: Future[None] = Future()
         task_id: int = row.id  # type: ignore[assignment]
         if not self._wait_for_live_proxy():
@@ -153,13 +158,35 @@ class ProxyDispatcher(Dispatcher):
         with self._lock:
             self._futures[task_id] = future
         self.store.update_task(task_id, dispatched_at=utcnow())
+        self._send(task_id, row.vm)
+        return future
+
+    def _send(self, task_id: int, vm: str) -> None:
+        """Put the VM task's message on the pool's queue; a broker that refuses it fails the
+        VM task (if no proxy has claimed it meanwhile)."""
+        from backupd.celery_app import VM_TASK
+
+        self._takers[task_id] = {(p.host, p.pid) for p in self._live_proxies()}
         try:
             self.app.send_task(VM_TASK, args=[self.session_id, task_id], queue=self.queue)
         except Exception as exc:  # noqa: BLE001 - kombu raises the transport's own errors
             text = f"cannot hand the VM task to the broker {self.config.proxies.safe_url()}: {exc}"  # type: ignore[union-attr]
             if self.store.end_pending_task(task_id, TaskStatus.FAILED, text):
-                self.store.log(self.session_id, f"failed: {text}", level="error", vm=row.vm)
-        return future
+                self.store.log(self.session_id, f"failed: {text}", level="error", vm=vm)
+
+    def _send_again(self, row: VmTaskRow, pool_proxies: list["Proxy"]) -> None:
+        """Send an unclaimed VM task's message again when a proxy that was alive when it was
+        sent is gone since (it may have taken the message and died before claiming the row)."""
+        from backupd.proxy_registry import is_gone
+
+        takers = self._takers.get(row.id, set())  # type: ignore[arg-type]
+        known = {(p.host, p.pid): p for p in pool_proxies}
+        lost = sorted(taker for taker in takers if is_gone(known.get(taker)))
+        if lost:
+            host, pid = lost[0]
+            self.store.log(self.session_id, f"VM task sent again: proxy pid {pid} on {host}, which may have taken it,"
+                           " was lost before any proxy claimed it", level="warning", vm=row.vm)
+            self._send(row.id, row.vm)  # type: ignore[arg-type]
 
     def _wait_for_live_proxy(self) -> bool:
         """Wait until the pool has a live proxy, at most until ``proxy_wait_seconds`` have
@@ -220,6 +247,7 @@ class ProxyDispatcher(Dispatcher):
 
         rows = {row.id: row for row in self.store.tasks(self.session_id) if row.id in waiting}
         proxies = None
+        pool_proxies: list[Proxy] | None = None
         timed_out: bool | None = None
         for task_id, row in rows.items():
             if row.status is TaskStatus.PENDING:
@@ -231,7 +259,12 @@ class ProxyDispatcher(Dispatcher):
                         and time.monotonic() - self._no_proxy_since >= self.wait_seconds
                 if timed_out:
                     self._give_up(task_id, row.vm)
+                    continue
+                if pool_proxies is None:
+                    pool_proxies = self.registry.proxies(pool=self.pool)
+                self._send_again(row, pool_proxies)
                 continue
+            self._takers.pop(task_id, None)
             if row.status is TaskStatus.RUNNING:
                 if proxies is None:
                     proxies = {(p.host, p.pid): p for p in self.registry.proxies()}
