@@ -182,10 +182,11 @@ class SessionRunner:
             provider.close()
 
     def _collect_garbage(self, repository: Repository) -> None:
-        """Free blocks no restore point references (retention's collection, if a writer
-        deferred it); a problem is a warning in the session log, never the session's failure
-        (its restore points are committed). It reads every manifest, so it runs only when
-        garbage may exist."""
+        """Free blocks no restore point references: the one collection for the points
+        retention deleted in this session's VM tasks (and any an earlier session deferred).
+        A problem is a warning in the session log, never the session's failure (its restore
+        points are committed). It reads every manifest, so it runs only when garbage may
+        exist, and once per session, not per VM."""
         try:
             gc = repository.collect_garbage()
         except RepositoryError as exc:

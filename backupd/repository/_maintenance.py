@@ -34,8 +34,8 @@ class GcResult:
     :ivar removed_blocks: block files deleted.
     :ivar freed_bytes: their compressed size in bytes.
     :ivar deferred: True when writers (or a restore, or a verify) held the repository, so
-        nothing was collected; the next :meth:`Repository.apply_retention` or
-        :meth:`Repository.collect_garbage` tries again.
+        nothing was collected; ``gc-pending`` stays, and the next
+        :meth:`Repository.collect_garbage` (a job session's end) tries again.
     :ivar damaged_points: ids of restore points whose manifest is damaged; while there is
         one, nothing is deleted (a damaged manifest may reference any block) until it is
         deleted with :meth:`Repository.delete_points`.

@@ -219,9 +219,11 @@ class Repository:
         """Delete all but the newest ``keep`` restore points of one VM's :meth:`chain` made
         by one job.
 
-        Points of other jobs and other VMs are untouched. Afterwards garbage is collected
-        if points were deleted now or since the last completed collection (a collection that
-        is deferred because writers are busy happens on a later call).
+        Points of other jobs and other VMs are untouched. Only manifests are deleted: the
+        blocks they alone referenced become garbage, marked pending (:meth:`garbage_pending`)
+        and freed by the next :meth:`collect_garbage`. A job session collects once, at its
+        end, for all its VMs: a collection reads every manifest of the repository, so one per
+        VM would make a session's cost grow with VMs x restore points.
 
         :param keep: restore points to keep, >= 1 (deleting the last point of a VM is never
             what retention means).
@@ -232,12 +234,9 @@ class Repository:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         doomed = self.chain(vm_id=vm_id, vm=vm, job=job)[keep:]
-        removed = _maintenance.delete_manifests(
+        return _maintenance.delete_manifests(
             self._layout, [(info.id, self._layout.manifest_path(info.vm_id, info.vm, info.id)) for info in doomed]
         )
-        if _maintenance.gc_pending(self._layout):
-            self.collect_garbage()
-        return removed
 
     def garbage_pending(self) -> bool:
         """Whether restore points were deleted (or a collection deferred) since the last

@@ -52,6 +52,9 @@ def test_retention_keeps_the_newest_points_of_one_vm_and_job_and_gc_keeps_shared
     assert removed == [nightly[1].id, nightly[0].id]
     assert [p.id for p in repo.points(vm="a", job="nightly")] == [nightly[3].id, nightly[2].id]
     assert {p.id for p in repo.points()} == {nightly[3].id, nightly[2].id, weekly.id, other_vm.id}
+    assert block_files(repo) == before, "retention deletes manifests only; blocks go at the collection"
+    assert repo.garbage_pending()
+    repo.collect_garbage()
     gone = before - block_files(repo)
     assert gone == {block_file(repo, images[0][2 * BS :]), block_file(repo, images[1][2 * BS :])}
     assert block_file(repo, shared[:BS]).exists()
@@ -71,8 +74,10 @@ def test_gc_reports_what_it_freed(tmp_path):
     sizes = sum(path.stat().st_size for path in block_files(repo))
 
     repo.apply_retention(vm_id="a", vm="a", job="nightly", keep=1)
+    first = repo.collect_garbage()
     again = repo.collect_garbage()
 
+    assert (first.removed_blocks, first.freed_bytes, first.deferred) == (3, old.stored_bytes, False)
     assert (again.removed_blocks, again.freed_bytes, again.deferred) == (0, 0, False)
     assert sum(path.stat().st_size for path in block_files(repo)) == sizes - old.stored_bytes
 
@@ -96,18 +101,23 @@ def test_gc_is_deferred_while_a_writer_is_open_and_keeps_what_it_deduplicated_ag
     assert restore_bytes(repo, kept.id, tmp_path / "out") == [old_image]
 
 
-def test_a_deferred_gc_runs_on_the_next_retention_even_if_that_deletes_nothing(tmp_path):
+def test_a_deferred_gc_stays_pending_and_runs_on_the_next_collection(tmp_path):
     repo = make_repo(tmp_path)
     backup(repo, "a", {1: disk_image(52, 2)})
     backup(repo, "a", {1: disk_image(53, 2)})
     writer = repo.new_point(vm="z", vm_id="z", job="other", session="s", mode="full")
     repo.apply_retention(vm_id="a", vm="a", job="nightly", keep=1)
+    assert repo.collect_garbage().deferred
     assert len(block_files(repo)) == 4
     writer.abort()
 
     assert repo.apply_retention(vm_id="a", vm="a", job="nightly", keep=1) == []
+    assert repo.garbage_pending(), "the deferred collection is still owed"
+    assert len(block_files(repo)) == 4
+    assert repo.collect_garbage().removed_blocks == 2
 
     assert len(block_files(repo)) == 2
+    assert not repo.garbage_pending()
 
 
 # ---- verify -----------------------------------------------------------------------------------
