@@ -36,7 +36,7 @@ from backupd.enums import TaskStatus, TransferMode
 from backupd.errors import BackupdError, RepositoryError, SessionCancelled, StateError
 from backupd.recovery import recover_dead_sessions, snapshot_name
 from backupd.retry import call_with_retry
-from backupd.state import JobSession, SessionLog, StateStore, VmTask as VmTaskRow, utcnow
+from backupd.state import JobSession, StateStore, VmTask as VmTaskRow, utcnow
 from backupd.stop import StopSignal
 from providers.base import (
     CbtUnavailable,
@@ -480,8 +480,7 @@ class VmTask:
 
     def _update(self, *, note: str | None = None, **fields: object) -> None:
         """Change this task's row; ``note``: a session log line written in the same commit."""
-        line = SessionLog(session_id=self.session_id, level="info", vm=self.vm_name, text=note) if note else None
-        self.store.update_task(self.row.id, note=line, **fields)  # type: ignore[arg-type]
+        self.store.update_task(self.row.id, note=note, **fields)  # type: ignore[arg-type]
 
     def _log(self, text: str, *, level: str = "info") -> None:
         self.store.log(self.session_id, text, level=level, vm=self.vm_name)

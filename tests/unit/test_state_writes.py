@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import event
 
 from backupd.enums import TaskStatus
-from backupd.state import SessionLog, StateStore
+from backupd.state import StateStore
 
 THREADS = 8
 WRITES = 25
@@ -57,15 +57,17 @@ def test_writes_of_many_threads_never_meet_in_sqlite(tmp_path):
     def work(number: int) -> None:
         task = tasks[number]
         for step in range(WRITES):
-            note = SessionLog(session_id=session.id, level="info", vm=task.vm, text=f"step {step}")
-            store.update_task(task.id, note=note, bytes_read=step)
+            store.update_task(task.id, note=f"step {step}", bytes_read=step)
             store.log(session.id, f"line {step}", vm=task.vm)
         store.update_task(task.id, status=TaskStatus.SUCCESS)
 
     assert _run_threads(work) == []
     assert {task.status for task in store.tasks(session.id)} == {TaskStatus.SUCCESS}
     assert {task.bytes_read for task in store.tasks(session.id)} == {WRITES - 1}
-    assert len(store.log_lines(session.id)) == THREADS * WRITES * 2
+    lines = store.log_lines(session.id)
+    assert len(lines) == THREADS * WRITES * 2
+    assert {(line.vm, line.level) for line in lines if line.text.startswith("step ")} == {
+        (task.vm, "info") for task in tasks}, "a note goes under its task's VM"
 
 
 def test_threads_racing_for_one_vm_lock_give_it_to_exactly_one(tmp_path):
