@@ -520,7 +520,7 @@ class SimulatedProvider(Provider):
 
         :raises VmNotFound: neither exists.
         """
-        holder = self._vms.holding(snapshot.id) if is_snapshot_id(snapshot.id) else None
+        holder = self._vms.holding(snapshot.id, recorded_name=snapshot.vm_name) if is_snapshot_id(snapshot.id) else None
         return holder or self._vms.get(snapshot.vm_name)
 
     def _snapshot(self, snapshot: Snapshot) -> tuple[Vm, SnapshotPaths, dict[str, Any]]:

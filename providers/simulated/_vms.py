@@ -149,11 +149,20 @@ class VmCatalog:
                 return self.get(name)
         return None
 
-    def holding(self, snapshot_id: str) -> Vm | None:
-        """The VM whose folder holds snapshot ``snapshot_id`` (a valid snapshot id), or None."""
-        for folder in sorted(set(self._layout.vm_names().values())):
-            if self._paths(folder).snapshot(snapshot_id).root.exists():
-                return self.in_folder(folder)
+    def holding(self, snapshot_id: str, *, recorded_name: str) -> Vm | None:
+        """The VM whose folder holds snapshot ``snapshot_id`` (a valid snapshot id), or None.
+
+        :param recorded_name: the VM name the snapshot records: the folder of the VM called
+            that now is looked in first, one ``stat``; only when it does not hold the
+            snapshot (the VM was renamed since) is every VM folder looked in.
+        """
+        names = self._layout.vm_names()
+        recorded = names.get(recorded_name)
+        if recorded is not None and self._paths(recorded).snapshot(snapshot_id).root.exists():
+            return self.get(recorded_name)
+        for name, folder in sorted(names.items(), key=lambda item: item[1]):
+            if folder != recorded and self._paths(folder).snapshot(snapshot_id).root.exists():
+                return self.get(name)
         return None
 
     def rename(self, old: str, new: str) -> Vm:

@@ -5,7 +5,6 @@ never slept for. Skipped without PostgreSQL or RabbitMQ, failed in CI."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -21,6 +20,7 @@ from typing import Any, Iterator
 import pytest
 
 from labkit import EXIT_FAILED, Background, Lab, describe, vms_by_name, wait_until
+from providers.simulated._layout import Layout
 from state_urls import BROKER_URL, require_rabbitmq
 
 pytestmark = pytest.mark.slow
@@ -236,7 +236,7 @@ def test_a_proxy_killed_mid_task_fails_its_vms_and_the_session_goes_on(lab: Lab,
 
 def _snapshots_ever_taken(lab: Lab) -> int:
     """How many snapshots the lab's simulated hypervisor has ever created (its id counter)."""
-    return json.loads((lab.site / "lab" / "provider.json").read_text())["next_snapshot"] - 1
+    return Layout(lab.site / "lab").snapshot_ids_handed_out()
 
 
 def test_a_restarted_daemon_adopts_a_session_whose_vm_tasks_run_on_proxies(lab: Lab, proxies, daemons) -> None:  # noqa: ANN001
