@@ -2,9 +2,9 @@
 
 Per VM, in this order (DESIGN.md, "Data flow"):
 
-1. find the VM by its name in the job and record its stable id (:attr:`VmInfo.id`) on the
-   task; take the VM's lock in the state DB, keyed ``provider/vm id`` (one session per VM at
-   a time; wait up to ``vm_lock_timeout_seconds``);
+1. find the VM by its name in the job; take the VM's lock in the state DB, keyed
+   ``provider/vm id`` (one session per VM at a time; wait up to ``vm_lock_timeout_seconds``),
+   recording the VM's stable id (:attr:`VmInfo.id`) on the task in the same commit;
 2. create the snapshot, quiesced if the job asks; a :class:`~providers.base.QuiesceError` falls
    back to a crash-consistent snapshot and the VM ends ``warning``;
 3. record the snapshot id in the state DB before anything else, so no snapshot is ever
@@ -16,8 +16,12 @@ Per VM, in this order (DESIGN.md, "Data flow"):
    :data:`IN_FLIGHT_BLOCKS` at a time, so memory stays flat whatever the disk size;
 5. commit the restore point with the VM's id, its name now and the configuration the
    snapshot captured (its manifest is written last and atomically);
-6. remove the snapshot (retried; a removal that still fails is recorded on the task);
+6. remove the snapshot (retried; a removal that still fails is recorded on the task at once;
+   a removal that succeeded is recorded with the task's end, see :meth:`VmTask._record_later`);
 7. apply retention to the VM's restore points of this job.
+
+A VM task of a VM that did not change makes seven state DB commits (docs/performance.md, "The
+daemon"): running, lock with VM id, snapshot id, the plan, commit stage, restore point, end.
 
 An immediate stop is checked between blocks: the restore point in progress is aborted (nothing
 of it becomes a restore point) and the snapshot is removed. Transient provider errors are
@@ -148,6 +152,9 @@ class VmTask:
         self._last_progress = 0.0
         #: the key of the VM lock this task holds, released with the task's end record
         self._lock_key: str | None = None
+        #: columns and log lines written with the task's next record (:meth:`_record_later`)
+        self._later: dict[str, object] = {}
+        self._later_notes: list[str] = []
 
     # -- outcome ----------------------------------------------------------------------------
 
@@ -164,8 +171,7 @@ class VmTask:
         self._update(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow())
         try:
             vm = self._retry(lambda: self.provider.find_vm(self.vm_name))
-            self._update(vm_id=vm.id)
-            self._wait_for_vm_lock(vm_lock_key(self.job.provider, vm.id))
+            self._wait_for_vm_lock(vm_lock_key(self.job.provider, vm.id), vm.id)
             point_id, mode = self._process(vm)
         except _NotStarted:
             self._finish(TaskStatus.NOT_PROCESSED, stage=None)
@@ -196,17 +202,18 @@ class VmTask:
         fails first, the lock goes with the session: recovery releases a dead session's
         locks, and :meth:`StateStore.try_lock_vm` takes over those of an ended one.)"""
         fields.setdefault("stage", "done")
-        self.store.update_task(self.row.id, unlock=(self._lock_key, self.session_id) if self._lock_key else None,
-                               status=status, ended_at=utcnow(), bytes_read=self._bytes_read,
-                               bytes_stored=self._bytes_stored, **fields)
+        self._update(unlock=(self._lock_key, self.session_id) if self._lock_key else None,
+                     status=status, ended_at=utcnow(), bytes_read=self._bytes_read,
+                     bytes_stored=self._bytes_stored, **fields)
 
     # -- the steps --------------------------------------------------------------------------
 
-    def _wait_for_vm_lock(self, key: str) -> None:
+    def _wait_for_vm_lock(self, key: str, vm_id: str) -> None:
+        """Take the VM's lock; its commit records the VM id and the next stage."""
         deadline = time.monotonic() + self.job.vm_lock_timeout_seconds
         announced = False
         while True:
-            holder = self.store.try_lock_vm(key, self.session_id)
+            holder = self.store.try_lock_vm(key, self.session_id, task=self.row.id, vm_id=vm_id, stage="snapshot")
             if holder is None:
                 self._lock_key = key
                 return
@@ -232,7 +239,6 @@ class VmTask:
             raise _NotStarted
         if self.job.enable_cbt:
             self._enable_cbt(vm)
-        self._update(stage="snapshot")
         snapshot = self._create_snapshot(vm)
         try:
             # Recorded before anything else, and inside the try: whatever fails from here on
@@ -259,7 +265,7 @@ class VmTask:
             self._log(self.warnings[-1], level="warning")
             return
         if removed:
-            self._log(f"retention removed {len(removed)} restore point(s): {', '.join(removed)}")
+            self._record_later(note=f"retention removed {len(removed)} restore point(s): {', '.join(removed)}")
 
     def _enable_cbt(self, vm: VmInfo) -> None:
         """The job's ``enable_cbt``: switch CBT on where it is off. A failure is a warning, not
@@ -296,11 +302,12 @@ class VmTask:
         """Remove the snapshot, retrying transient errors even during an immediate stop (the
         contract: every snapshot the session created is removed).
 
+        A removal that fails is recorded at once; one that succeeded goes with the task's
+        end record (:meth:`_record_later`).
+
         :param committed: the restore point is committed (its record already set the stage
-            ``remove_snapshot``) and retention follows: the removal's record sets the stage
-            ``retention``, saving a commit each.
+            ``remove_snapshot``).
         """
-        next_stage = {"stage": "retention"} if committed else {}
         if not committed:
             self._best_effort(self._update, stage="remove_snapshot")
         try:
@@ -311,10 +318,10 @@ class VmTask:
         except ProviderError as exc:
             text = f"snapshot {snapshot.id} could not be removed: {exc}"
             self.warnings.append(text)
-            self._update(snapshot_error=str(exc), **next_stage)
+            self._update(snapshot_error=str(exc))
             self._log(text, level="error")
             return
-        self._update(snapshot_removed=True, note=f"snapshot {snapshot.id} removed", **next_stage)
+        self._record_later(snapshot_removed=True, note=f"snapshot {snapshot.id} removed")
 
     def _best_effort(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Progress bookkeeping that must not keep a snapshot from being removed. A state DB
@@ -479,8 +486,23 @@ class VmTask:
             self._update(bytes_read=self._bytes_read, bytes_stored=self._bytes_stored)
 
     def _update(self, *, note: str | None = None, **fields: object) -> None:
-        """Change this task's row; ``note``: a session log line written in the same commit."""
-        self.store.update_task(self.row.id, note=note, **fields)  # type: ignore[arg-type]
+        """Change this task's row; ``note``: a session log line written in the same commit
+        (after those :meth:`_record_later` kept)."""
+        notes = [*self._later_notes, *([note] if note else [])]
+        fields = {**self._later, **fields}
+        self.store.update_task(self.row.id, notes=notes, **fields)  # type: ignore[arg-type]
+        self._later, self._later_notes = {}, []
+
+    def _record_later(self, *, note: str | None = None, **fields: object) -> None:
+        """Write these columns and this log line with the task's next record (at the latest
+        its end) instead of in a commit of their own: for facts a crash may lose without
+        harm. A snapshot recorded as not removed is removed again by recovery, and removing
+        one that is gone succeeds (:meth:`providers.base.Provider.remove_snapshot`)."""
+        self._later.update(fields)
+        if note:
+            self._later_notes.append(note)
 
     def _log(self, text: str, *, level: str = "info") -> None:
+        if self._later or self._later_notes:  # the session log stays in order
+            self._update()
         self.store.log(self.session_id, text, level=level, vm=self.vm_name)

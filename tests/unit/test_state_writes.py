@@ -57,7 +57,7 @@ def test_writes_of_many_threads_never_meet_in_sqlite(tmp_path):
     def work(number: int) -> None:
         task = tasks[number]
         for step in range(WRITES):
-            store.update_task(task.id, note=f"step {step}", bytes_read=step)
+            store.update_task(task.id, notes=[f"step {step}"], bytes_read=step)
             store.log(session.id, f"line {step}", vm=task.vm)
         store.update_task(task.id, status=TaskStatus.SUCCESS)
 
