@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import json
 import os
 import re
@@ -330,13 +331,15 @@ class Layout:
                 if entry.name.endswith(MANIFEST_SUFFIX) and POINT_ID_RE.match(point_id):
                     yield point_id, entry
 
-    def find_manifest(self, point_id: str) -> Path:
+    def find_manifest(self, point_id: str, *, first: Iterable[Path] = ()) -> Path:
         """The manifest of a restore point, whichever VM it belongs to.
 
+        :param first: VM folders to look in before all the others (one ``stat`` each), when
+            the caller knows whose point it likely is; otherwise every VM folder is tried.
         :raises NotFoundError: no restore point has that id (or the id is malformed).
         """
         if POINT_ID_RE.match(point_id):
-            for folder in self._list(self.points):
+            for folder in itertools.chain(first, self._list(self.points)):
                 candidate = folder / f"{point_id}{MANIFEST_SUFFIX}"
                 if candidate.is_file():
                     return candidate

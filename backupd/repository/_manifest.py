@@ -22,6 +22,7 @@ or null when the provider gave none); version 1 manifests have neither and read 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -178,15 +179,31 @@ def read_header(path: Path) -> PointInfo:
     check that the file is as long as the header says (a truncated manifest is caught here;
     a changed byte in the block maps only by :func:`read_manifest`'s checksum).
 
+    A header read before is answered from memory while the file is the same one, unchanged
+    (inode, size and modification time, from one ``stat``): a manifest is written once and
+    never changed, and a VM task reads its VM's chain twice (base point, retention).
+
     :raises NotFoundError: the manifest does not exist (any more).
     :raises RepositoryCorruptError: the header is not a valid manifest header, or the block
         maps are not the size it gives.
     :raises RepositoryError: the file cannot be read.
     """
-    with _open(path) as file:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise NotFoundError(f"restore point manifest {path} does not exist") from None
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
+    return _read_header(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_header(path: str, _inode: int, _size: int, _mtime_ns: int) -> PointInfo:
+    """:func:`read_header` for one version of the file (the key); failures are not kept."""
+    with _open(Path(path)) as file:
         line = file.readline(_MAX_HEADER)
-        header, info = _parse_header(path, line)
-        _check_map_size(path, header, os.fstat(file.fileno()).st_size - len(line))
+        header, info = _parse_header(Path(path), line)
+        _check_map_size(Path(path), header, os.fstat(file.fileno()).st_size - len(line))
     return info
 
 

@@ -82,6 +82,8 @@ class PointWriter:
         self._guard = threading.Condition()
         self._in_flight = 0
         self._bytes_read = 0
+        #: the base restore point's header and block maps, read once for all disks
+        self._base: tuple[str, PointInfo, list[bytes]] | None = None
         #: a put_block recorded a non-zero block (stored now or deduplicated): the commit
         #: must flush; a point of zero blocks and inherited entries only references blocks
         #: made durable before their own point's manifest was written
@@ -166,10 +168,16 @@ class PointWriter:
         return missing
 
     def _base_map(self, base_point: str, key: int, capacity_bytes: int) -> bytes:
-        try:
-            base, maps = read_manifest(self._layout.find_manifest(base_point), self._block_size)
-        except NotFoundError as exc:
-            raise RepositoryError(f"base restore point {base_point} does not exist") from exc
+        if self._base is None or self._base[0] != base_point:
+            # the base is of this VM's chain: its folders are looked in first (one stat, not
+            # one per VM of the repository)
+            chain = [self._layout.vm_dir(self.vm_id, self.vm), self._layout.vm_dir(None, self.vm)]
+            try:
+                self._base = (base_point, *read_manifest(self._layout.find_manifest(base_point, first=chain),
+                                                         self._block_size))
+            except NotFoundError as exc:
+                raise RepositoryError(f"base restore point {base_point} does not exist") from exc
+        _, base, maps = self._base
         if not base.of_vm(self.vm_id, self.vm):
             raise RepositoryError(
                 f"base restore point {base_point} belongs to VM {base.vm!r} (id {base.vm_id}), not "
