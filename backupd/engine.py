@@ -203,9 +203,10 @@ class SessionRunner:
             )
 
     def _wait_for_vm_slot(self, slots: threading.Semaphore) -> bool:
-        """Wait for a free VM slot; False when a stop means no further VM may start."""
+        """Wait for a free VM slot; False when a stop means no further VM may start. The
+        state DB is read once a slot is free (the control loop's polls answer meanwhile)."""
         while True:
-            if self.stop.requested or self.stop.refresh() is not None:
+            if self.stop.requested:
                 return False
             if slots.acquire(timeout=POLL_SECONDS):
                 if self.stop.refresh() is None:

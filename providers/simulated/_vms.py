@@ -153,9 +153,14 @@ class VmCatalog:
         """The VM whose folder holds snapshot ``snapshot_id`` (a valid snapshot id), or None.
 
         :param recorded_name: the VM name the snapshot records: the folder of the VM called
-            that now is looked in first, one ``stat``; only when it does not hold the
-            snapshot (the VM was renamed since) is every VM folder looked in.
+            that (as this catalog knows it, else as the index says) is looked in first, one
+            ``stat``; only when it does not hold the snapshot (the VM was renamed since) is
+            every VM folder looked in.
         """
+        with self._lock:
+            known = self._vms.get(recorded_name)
+        if known is not None and known.paths.snapshot(snapshot_id).root.exists():
+            return known  # as :meth:`get` answers: a VM this catalog has met under that name
         names = self._layout.vm_names()
         recorded = names.get(recorded_name)
         if recorded is not None and self._paths(recorded).snapshot(snapshot_id).root.exists():
