@@ -50,7 +50,7 @@ from backupd.config import Config, load_config
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.errors import BackupdError, ConfigError, StateError
 from backupd.schedule import build_trigger
-from backupd.state import DaemonRegistry, JobSession, StateStore, as_utc, utcnow
+from backupd.state import HEARTBEAT_SECONDS, DaemonRegistry, JobSession, StateStore, as_utc, utcnow
 
 if TYPE_CHECKING:
     from backupd.schedule import CronSchedule, Every
@@ -62,8 +62,6 @@ log = logging.getLogger("backupd.daemon")
 TICK_SECONDS = 0.5
 #: seconds between two recovery passes (dead sessions, the snapshot hunter)
 RECOVERY_SECONDS = 60.0
-#: seconds between two heartbeats of the daemon's row
-HEARTBEAT_SECONDS = 5.0
 #: exit code of a second daemon on a state DB that has one
 EXIT_ANOTHER_DAEMON = 5
 #: how far back each look for ended sessions reaches (an end committed late is still seen)

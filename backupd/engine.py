@@ -32,15 +32,13 @@ from backupd.recovery import recover
 # Imported with this module, not at the repository's first open: the import (zstd, BLAKE3,
 # ~0.1-0.3 s) is the process's start-up, done before it claims the session, not the session's work.
 from backupd.repository import Repository
-from backupd.state import DaemonRegistry, JobSession, StateStore, utcnow
+from backupd.state import HEARTBEAT_SECONDS, DaemonRegistry, JobSession, StateStore, utcnow
 from backupd.stop import StopSignal
 
 log = logging.getLogger(__name__)
 
 #: seconds between two polls of the state DB for a stop request (the design says ≤ 250 ms)
 POLL_SECONDS = 0.2
-#: seconds between two heartbeats of a running session
-HEARTBEAT_SECONDS = 5.0
 #: the session message of a graceful stop that came before any VM started (a documented
 #: behaviour of the stop contract, worded as backup administrators know it)
 CANCELED_BY_USER = "Operation was canceled by user"

@@ -43,9 +43,16 @@ def _stored_as_value(enum: type, *, nullable: bool) -> Any:
     )
 
 
-#: seconds without a heartbeat after which a session's runner counts as gone, whatever its
-#: process looks like (runners write one every 5 s)
-STALE_HEARTBEAT_SECONDS = 60.0
+#: seconds between two heartbeats of a session's runner, and of the daemon
+HEARTBEAT_SECONDS = 5.0
+#: a runner (or daemon) on another host is gone once its heartbeat is older than three
+#: heartbeat intervals: its process cannot be looked at from here
+STALE_HEARTBEAT_SECONDS = 3 * HEARTBEAT_SECONDS
+#: a runner (or daemon) on this host is gone once its process has ended; one whose process
+#: lives is taken for hung (or its pid for reused) only when its heartbeat is older than
+#: this: on a machine loaded with sessions a heartbeat can be late by many seconds, and
+#: taking a working runner for dead would fail its session
+STALE_LOCAL_HEARTBEAT_SECONDS = 60.0
 #: the default of :meth:`StateStore.end_session`'s ``if_stop_mode``: end whatever the stop mode
 ANY_STOP_MODE = object()
 
@@ -164,7 +171,7 @@ class VmLock(SQLModel, table=True):
 class Daemon(SQLModel, table=True):
     """The daemon that runs the schedules: one row (``name`` "main"), with its process and
     heartbeat, so a second daemon can tell a live one from a dead one as recovery does a
-    session's runner (:data:`STALE_HEARTBEAT_SECONDS`)."""
+    session's runner (:meth:`StateStore.dead_sessions`)."""
 
     __tablename__ = "daemon"
 
@@ -280,6 +287,20 @@ def _postgresql_settings(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.autocommit = True
     dbapi_connection.execute("SET synchronous_commit = off")
     dbapi_connection.autocommit = autocommit
+
+
+def runner_gone(host: str | None, pid: int | None, heartbeat_at: datetime | None) -> bool:
+    """Whether the process ``pid`` on ``host`` whose last heartbeat was ``heartbeat_at`` (a
+    session's runner, or the daemon) is gone: on this host, its process has ended or its
+    heartbeat is older than :data:`STALE_LOCAL_HEARTBEAT_SECONDS`; on another host, its
+    heartbeat is older than :data:`STALE_HEARTBEAT_SECONDS` (three heartbeat intervals)."""
+    if host == socket.gethostname():
+        if pid is not None and not pid_alive(pid):
+            return True
+        stale = STALE_LOCAL_HEARTBEAT_SECONDS
+    else:
+        stale = STALE_HEARTBEAT_SECONDS
+    return heartbeat_at is None or heartbeat_at < utcnow() - timedelta(seconds=stale)
 
 
 class StateStore:
@@ -811,23 +832,18 @@ class StateStore:
     def dead_sessions(self) -> list[JobSession]:
         """Sessions not yet ``stopped`` whose runner is gone, oldest first.
 
-        A runner is gone when its process on this host has ended, a zombie included (it runs
-        no code; its parent has just not reaped it), or, on any host, when its heartbeat
-        (written every few seconds) is older than :data:`STALE_HEARTBEAT_SECONDS`: a
-        runner on another machine, a hung one, or a process id that was reused.
+        A runner on another host is gone when its heartbeat (every
+        :data:`HEARTBEAT_SECONDS`) is older than three intervals,
+        :data:`STALE_HEARTBEAT_SECONDS`. A runner on this host is gone when its process has
+        ended, a zombie included (it runs no code; its parent has just not reaped it), or
+        when its heartbeat is older than :data:`STALE_LOCAL_HEARTBEAT_SECONDS` (hung, or its
+        process id was reused).
         """
-        host = socket.gethostname()
-        stale = utcnow() - timedelta(seconds=STALE_HEARTBEAT_SECONDS)
         with self._session() as db:
             query = select(JobSession).where(JobSession.state != SessionState.STOPPED).order_by(JobSession.id)  # type: ignore[arg-type]
             running = list(db.exec(query))
-        dead = []
-        for row in running:
-            beat = as_utc(row.heartbeat_at or row.created_at)
-            gone = row.owner_host == host and row.owner_pid is not None and not pid_alive(row.owner_pid)
-            if gone or (beat is not None and beat < stale):
-                dead.append(row)
-        return dead
+        return [row for row in running
+                if runner_gone(row.owner_host, row.owner_pid, as_utc(row.heartbeat_at or row.created_at))]
 
     def end_session(
         self,
@@ -1019,12 +1035,7 @@ class DaemonRegistry:
         """The running daemon: its row, if its process lives (this host) and its heartbeat is
         fresh; None otherwise."""
         row = self.current()
-        if row is None:
-            return None
-        beat = as_utc(row.heartbeat_at)
-        if beat is None or beat < utcnow() - timedelta(seconds=STALE_HEARTBEAT_SECONDS):
-            return None
-        if row.host == socket.gethostname() and not pid_alive(row.pid):
+        if row is None or runner_gone(row.host, row.pid, as_utc(row.heartbeat_at)):
             return None
         return row
 

@@ -155,19 +155,27 @@ def test_a_zombie_runner_is_dead_though_its_pid_still_exists(store: StateStore) 
 
 
 def test_a_runner_whose_heartbeat_stopped_is_dead_even_if_its_pid_lives(store: StateStore) -> None:
-    """A hung runner, a runner on another host, or a pid that was reused by another process."""
+    """A runner on another host is dead after three heartbeat intervals without one (its pid
+    means nothing here); one on this host whose process lives only after the longer local
+    limit (a hung runner, or a pid reused by another process), so a heartbeat that a loaded
+    machine delays is not taken for a death."""
     import socket
 
-    from backupd.state import STALE_HEARTBEAT_SECONDS
+    from backupd.state import HEARTBEAT_SECONDS, STALE_HEARTBEAT_SECONDS, STALE_LOCAL_HEARTBEAT_SECONDS
 
-    fresh = store.create_session("nightly", ["a"], full=False).id
-    hung = store.create_session("weekly", ["a"], full=False).id
-    elsewhere = store.create_session("monthly", ["a"], full=False).id
-    old = utcnow() - timedelta(seconds=STALE_HEARTBEAT_SECONDS + 1)
-    store.update_session(fresh, owner_host=socket.gethostname(), owner_pid=os.getpid(), heartbeat_at=utcnow())
-    store.update_session(hung, owner_host=socket.gethostname(), owner_pid=os.getpid(), heartbeat_at=old)
-    store.update_session(elsewhere, owner_host="proxy-7", owner_pid=1, heartbeat_at=old)
-    assert [row.id for row in store.dead_sessions()] == [hung, elsewhere]
+    assert STALE_HEARTBEAT_SECONDS == 3 * HEARTBEAT_SECONDS
+    here, pid = socket.gethostname(), os.getpid()
+    jobs = ["fresh", "late-here", "hung", "fresh-elsewhere", "late-elsewhere"]
+    ids = {job: store.create_session(job, ["a"], full=False).id for job in jobs}
+    between = utcnow() - timedelta(seconds=STALE_HEARTBEAT_SECONDS + 2)
+    assert STALE_HEARTBEAT_SECONDS + 2 < STALE_LOCAL_HEARTBEAT_SECONDS
+    local_old = utcnow() - timedelta(seconds=STALE_LOCAL_HEARTBEAT_SECONDS + 1)
+    store.update_session(ids["fresh"], owner_host=here, owner_pid=pid, heartbeat_at=utcnow())
+    store.update_session(ids["late-here"], owner_host=here, owner_pid=pid, heartbeat_at=between)
+    store.update_session(ids["hung"], owner_host=here, owner_pid=pid, heartbeat_at=local_old)
+    store.update_session(ids["fresh-elsewhere"], owner_host="proxy-7", owner_pid=1, heartbeat_at=utcnow())
+    store.update_session(ids["late-elsewhere"], owner_host="proxy-7", owner_pid=1, heartbeat_at=between)
+    assert [row.id for row in store.dead_sessions()] == [ids["hung"], ids["late-elsewhere"]]
 
 
 def test_a_stop_request_for_an_ended_session_changes_nothing(store: StateStore) -> None:
