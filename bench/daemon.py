@@ -23,7 +23,7 @@ memory
     per session), sampled every :data:`SAMPLE_SECONDS`: the largest ``VmHWM`` of one, and the
     largest sum of ``VmRSS`` of those alive at one sample.
 immediate stop
-    A job of :data:`STOP_VMS` VMs (8 MiB disks filled by ``sim write --blocks 8``) on a
+    A job of :data:`STOP_VMS` VMs (32 MiB disks filled by ``sim write --blocks 32``) on a
     provider throttled to :data:`STOP_THROTTLE_MIB_S` MiB/s per disk, ``max_parallel_vms`` =
     :data:`STOP_VMS`, handed to the daemon with ``job start``; once every VM is ``running``
     with bytes moving, ``job stop --immediate --wait``, timed from outside, plus the session's
@@ -64,10 +64,11 @@ LOAD_PARALLEL_VMS = 4
 #: at rest (its RSS measured) before the minute
 LEAD_SECONDS = 20
 #: the stop job: its VMs, their disks (MiB, filled) and the per-disk read throttle (MiB/s):
-#: each VM needs 16 s, so all are surely in flight when the stop comes; its repository's
-#: 64 KiB blocks make bytes_read grow between two polls of ``session show``
+#: each VM needs 64 s, so all are surely in flight when the stop comes, even on a machine
+#: where one ``session show`` takes seconds; its repository's 64 KiB blocks make bytes_read
+#: grow between two polls
 STOP_VMS = 8
-STOP_DISK_MIB = 8
+STOP_DISK_MIB = 32
 STOP_THROTTLE_MIB_S = 0.5
 STOP_TRIALS = 3
 #: sessions of the job ``alone`` run before the load, for the overhead without contention
@@ -303,16 +304,17 @@ def first_snapshot(session: dict[str, Any]) -> datetime | None:
 #: the steps of a VM task, each ending at a line of its session log, timed from the previous
 VM_STEPS = (("lock + snapshot", re.compile(r"snapshot \S+ created")),
             ("plan (CBT query)", re.compile(r"\w+ transfer of ")),
-            ("commit (0 bytes)", re.compile(r"restore point \S+ committed")),
-            ("snapshot removal", re.compile(r"snapshot \S+ removed")))
+            ("commit (0 bytes)", re.compile(r"restore point \S+ committed")))
+#: the last step: its log line ("snapshot ... removed") is written with the task's end record
+VM_TAIL = "snapshot removal, retention, task end"
 
 
 def vm_steps(session: dict[str, Any]) -> dict[str, list[float]]:
     """Per step of :data:`VM_STEPS`, the seconds each VM of the session spent on it: from its
-    task's ``started_at`` through its log lines in order; and ``retention + end`` (the last
+    task's ``started_at`` through its log lines in order; and :data:`VM_TAIL` (the last
     line to the task's ``ended_at``)."""
     seconds: dict[str, list[float]] = {name: [] for name, _ in VM_STEPS}
-    seconds["retention + task end"] = []
+    seconds[VM_TAIL] = []
     for task in session["tasks"]:
         if task["started_at"] is None or task["ended_at"] is None:  # never started
             continue
@@ -325,7 +327,7 @@ def vm_steps(session: dict[str, Any]) -> dict[str, list[float]]:
             seconds[name].append((utc(line["at"]) - previous).total_seconds())
             previous = utc(line["at"])
         else:
-            seconds["retention + task end"].append((utc(task["ended_at"]) - previous).total_seconds())
+            seconds[VM_TAIL].append((utc(task["ended_at"]) - previous).total_seconds())
     return seconds
 
 

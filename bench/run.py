@@ -358,12 +358,15 @@ def bench_immediate_stop(cli: Backupd, job: str = "stop-4", provider: str = "slo
     """
     session_id = str(cli.json("job", "start", job)["session"])
     seen: dict[str, int] = {}
+    # a VM counts as moving once two polls saw its bytes grow, not necessarily the last two:
+    # on a loaded machine one poll (a CLI process) can take seconds
+    moving: set[str] = set()
     deadline = time.monotonic() + 120
     while True:
         show = cli.json("session", "show", session_id)
         now = {vm["name"]: vm["bytes_read"] for vm in show["vms"]}
-        if seen and all(vm["status"] == "running" and vm["bytes_read"] > seen[vm["name"]]
-                        for vm in show["vms"]):
+        moving |= {name for name, read in now.items() if name in seen and read > seen[name]}
+        if moving == set(now) and all(vm["status"] == "running" for vm in show["vms"]):
             break
         if show["state"] == "stopped" or time.monotonic() > deadline:
             raise BenchError(f"session {session_id} never had all its VMs in flight: {show}")
