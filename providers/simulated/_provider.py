@@ -92,6 +92,9 @@ class SimulatedProvider(Provider):
         self.config = config
         self._layout = Layout(config.state_dir)
         self._vms = VmCatalog(name, self._layout, config.vms)
+        #: snapshot records read by this instance and not removed through it (:meth:`_snapshot`)
+        self._records: dict[str, tuple[Vm, SnapshotPaths, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
 
     # -- the Provider contract ---------------------------------------------------------------
 
@@ -194,6 +197,8 @@ class SimulatedProvider(Provider):
             one this provider hands out.
         :raises TransientProviderError: a transient ``remove_snapshot`` fault is armed.
         """
+        with self._lock:
+            self._records.pop(snapshot.id, None)
         target = self._owner(snapshot)
         folder = _snapshot_folder(target, snapshot)
         if not folder.root.exists():
@@ -524,11 +529,27 @@ class SimulatedProvider(Provider):
         return holder or self._vms.get(snapshot.vm_name)
 
     def _snapshot(self, snapshot: Snapshot) -> tuple[Vm, SnapshotPaths, dict[str, Any]]:
+        """The snapshot's VM, folder and record (``snapshot.json``, read-only for callers).
+        A record is written once, when the snapshot is created, and never changed, so it is
+        kept in memory after its first read; each use checks the folder still has it (one
+        ``stat``), so a removed snapshot is never answered from memory.
+
+        :raises SnapshotError: the snapshot does not exist (any more).
+        """
+        with self._lock:
+            known = self._records.get(snapshot.id)
+        if known is not None:
+            if known[1].meta.exists():
+                return known
+            with self._lock:
+                self._records.pop(snapshot.id, None)
         target = self._owner(snapshot)
         folder = _snapshot_folder(target, snapshot)
         record = read_json(folder.meta)
         if record is None:
             raise SnapshotError(f"snapshot {snapshot.id} of VM {target.name!r} does not exist")
+        with self._lock:
+            self._records[snapshot.id] = (target, folder, record)
         return target, folder, record
 
 
