@@ -199,7 +199,7 @@ class OrphanedSnapshot:
 
 def remove_orphaned_snapshots(
     store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", *, dry_run: bool = False,
-    by_name: bool = True,
+    by_name: bool = True, unremoved: list[VmTask] | None = None,
 ) -> list[OrphanedSnapshot]:
     """Remove the snapshots of ended sessions on the job's VMs: those recorded but not
     removed (a killed runner, a removal that kept failing) and, by name, those never recorded
@@ -214,8 +214,12 @@ def remove_orphaned_snapshots(
 
     :param dry_run: find them, remove nothing (``would remove``).
     :param by_name: also list the job's VMs' snapshots to find those never recorded.
+    :param unremoved: the job's :meth:`StateStore.unremoved_snapshots`, when the caller read
+        them already (None: read here).
     """
-    found = _find_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run, by_name=by_name)
+    if unremoved is None:
+        unremoved = store.unremoved_snapshots(job_name)
+    found = _find_orphaned_snapshots(store, provider, job_name, job, unremoved, dry_run=dry_run, by_name=by_name)
     if not dry_run:
         for orphan in found:
             store.log(orphan.session, orphan.describe(), level=orphan.level, vm=orphan.vm)
@@ -223,7 +227,8 @@ def remove_orphaned_snapshots(
 
 
 def _find_orphaned_snapshots(
-    store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", *, dry_run: bool, by_name: bool
+    store: StateStore, provider: "Provider", job_name: str, job: "JobConfig", unremoved: list[VmTask], *,
+    dry_run: bool, by_name: bool,
 ) -> list[OrphanedSnapshot]:
     from providers.base import ProviderError, VmNotFound
 
@@ -241,7 +246,7 @@ def _find_orphaned_snapshots(
             raise VmNotFound(f"no VM with id {task.vm_id} (called {task.vm!r} at the session) on provider {provider.name!r}")
         return by_id[task.vm_id]
 
-    for task in store.unremoved_snapshots(job_name):
+    for task in unremoved:
         tried.add(task.snapshot_id)  # type: ignore[arg-type]
         try:
             vm = vm_of(task)
@@ -299,12 +304,13 @@ def hunt(config: "Config", store: StateStore, *, provider_name: str | None = Non
     if provider_name is not None and provider_name not in config.providers:
         raise NotFoundError(f"no provider {provider_name!r} in {config.path}")
     found: list[OrphanedSnapshot] = []
+    unremoved = store.unremoved_snapshots_by_job()
     for name in sorted(config.providers):
         if provider_name not in (None, name):
             continue
         jobs = [(job_name, job, by_name is None or job_name in by_name)
                 for job_name, job in sorted(config.jobs.items()) if job.provider == name]
-        if not any(listed or store.unremoved_snapshots(job_name) for job_name, _job, listed in jobs):
+        if not any(listed or job_name in unremoved for job_name, _job, listed in jobs):
             continue
         try:
             provider = open_provider(name, config.providers[name])
@@ -313,7 +319,8 @@ def hunt(config: "Config", store: StateStore, *, provider_name: str | None = Non
             continue
         try:
             for job_name, job, listed in jobs:
-                found.extend(remove_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run, by_name=listed))
+                found.extend(remove_orphaned_snapshots(store, provider, job_name, job, dry_run=dry_run, by_name=listed,
+                                                       unremoved=unremoved.get(job_name, [])))
         finally:
             provider.close()
     return found
