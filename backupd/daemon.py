@@ -231,6 +231,7 @@ class Daemon:
             self._planner = Planner(self.config, self._anchors(now), now)
             if last_seen is not None:
                 self._start_missed(last_seen, now)
+            self._guarded(lambda: self._resume_retries(now))
             self._publish_schedules()
             self._loop()
             self._recover()
@@ -509,7 +510,13 @@ class Daemon:
                 continue
             self._start(name, "chain", why=f"after session {session.id} of job {session.job}", triggered_by=session.id)
 
-    def _schedule_retry(self, session: JobSession, tasks: list) -> None:
+    def _schedule_retry(self, session: JobSession, tasks: list, *, missed_before: datetime | None = None) -> None:
+        """Plan the automatic retry a failed session is owed (``auto_retry``), at its end +
+        ``wait_seconds``: the time follows from the session's record, so a daemon started
+        later plans the same time (:meth:`_resume_retries`).
+
+        :param missed_before: a retry due before this is not started but logged as missed.
+        """
         settings = self.config.jobs.get(session.job)
         if settings is None or settings.auto_retry is None or session.result is not SessionResult.FAILED:
             return
@@ -521,10 +528,27 @@ class Daemon:
         if done >= settings.auto_retry.times:
             log.warning("job %s: session %s failed; its %d automatic retries are used up", session.job, session.id, done)
             return
-        when = self.clock() + timedelta(seconds=settings.auto_retry.wait_seconds)
+        when = (as_utc(session.ended_at) or self.clock()) + timedelta(seconds=settings.auto_retry.wait_seconds)
+        if missed_before is not None and when < missed_before:
+            log.warning("job %s: automatic retry %d of %d of session %s, due at %s, missed while no daemon ran",
+                        session.job, done + 1, settings.auto_retry.times, session.id, when.isoformat())
+            return
+        if (when, session.job) in self._state.retries:
+            return  # seen at this daemon's start and again as it ended
         self._state.retries.append((when, session.job))
-        log.info("job %s: automatic retry %d of %d at %s", session.job, done + 1, settings.auto_retry.times,
-                 when.isoformat())
+        log.info("job %s: automatic retry %d of %d of session %s at %s", session.job, done + 1,
+                 settings.auto_retry.times, session.id, when.isoformat())
+
+    def _resume_retries(self, now: datetime) -> None:
+        """The automatic retries owed when this daemon starts, worked out from the state DB
+        (a stopped or killed daemon's planned retries were only in its memory): each job's
+        newest session, if it ended as :meth:`_schedule_retry` retries, gets its retry at its
+        end + ``wait_seconds``, at once if that time has passed, unless by more than
+        ``[daemon] misfire_grace_seconds`` (then it is logged as missed, like a missed run)."""
+        grace = timedelta(seconds=self.config.daemon.misfire_grace_seconds)
+        for job, session in sorted(self.store.last_results().items()):
+            if session.state is SessionState.STOPPED and job in self.config.jobs:
+                self._schedule_retry(session, self.store.tasks(session.id), missed_before=now - grace)  # type: ignore[arg-type]
 
     def _retries_made(self, session: JobSession) -> int:
         count = 0

@@ -143,6 +143,31 @@ def test_automatic_retry_processes_only_the_vm_that_failed(lab: Lab, daemons) ->
     assert lab.restore("vm-b")[1] == bytes(lab.disks["vm-b"])
 
 
+def test_an_automatic_retry_planned_by_a_killed_daemon_is_started_by_the_next_one(lab: Lab, daemons) -> None:  # noqa: ANN001
+    """The retry's time follows from the failed session's record (its end + wait_seconds), so
+    ``kill -9`` of the daemon between a failure and its retry loses nothing: the next daemon
+    plans the same retry from the state DB and starts it."""
+    lab.configure(vms={"vm-a": "4 MiB", "vm-b": "4 MiB"},
+                  jobs={"nightly": {"vms": ["vm-a", "vm-b"], "auto_retry": {"times": 1, "wait_seconds": 15}}})
+    lab.fill("vm-a", seed=1)
+    lab.fill("vm-b", seed=2)
+    lab.sim("fault", "vm-b", "--op", "read", "--permanent")
+    first_daemon = daemons()
+    first = lab.run_json("job", "start", "nightly")["session"]
+    lab.wait_stopped(first)
+    first_daemon.wait_log(f"automatic retry 1 of 1 of session {first} at")
+    first_daemon.kill()
+    assert [s["id"] for s in lab.sessions("nightly")] == [first], "killed before the retry was due"
+    lab.sim("fault", "vm-b", "--clear")
+
+    second_daemon = daemons()
+    second_daemon.wait_log(f"automatic retry 1 of 1 of session {first} at")
+    _, retry = _ended(lab, "nightly", 2)
+    assert (retry["trigger"], retry["retry_of"], retry["result"]) == ("auto_retry", first, "success")
+    assert [vm["name"] for vm in retry["vms"]] == ["vm-b"]
+    assert len(lab.sessions("nightly")) == 2, "one retry, not one per daemon"
+
+
 def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid(lab: Lab, daemons) -> None:  # noqa: ANN001
     lab.configure(vms={"web": "4 MiB"}, jobs={"nightly": {"vms": ["web"], "schedule": {"every": "1h"}}})
     daemon = daemons()
