@@ -567,11 +567,12 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_alone(lab: Path, state_url: str, vms: int, runs: int) -> dict[str, Any]:
+def bench_alone(lab: Path, state_url: str, jobs: int, vms: int, runs: int) -> dict[str, Any]:
     """Only the sessions of ``alone`` (no daemon, no load): ``runs`` of them, ms per VM, and
     where their time goes (the steps of :func:`vm_steps` and :func:`session_steps`, medians
-    over all the runs)."""
-    cli = prepare_lab(lab, state_url, 1, vms)
+    over all the runs). The config holds the load's ``jobs`` too, as in the full bench: a
+    session's recovery pass looks at every job."""
+    cli = prepare_lab(lab, state_url, jobs, vms)
     ms_per_vm = overhead_alone(cli, runs)
     steps: dict[str, list[float]] = {}
     for session in StateDb(state_url).load_sessions("alone"):
@@ -584,18 +585,18 @@ def bench_alone(lab: Path, state_url: str, vms: int, runs: int) -> dict[str, Any
             "steps_median_seconds": {name: statistics.median(v) for name, v in steps.items() if v}}
 
 
-def alone_only(lab: Path, vms: int, runs: int) -> dict[str, Any]:
+def alone_only(lab: Path, jobs: int, vms: int, runs: int) -> dict[str, Any]:
     """``--alone-only``: :func:`bench_alone` on SQLite and on a fresh PostgreSQL database
     (skipped with the reason when there is none)."""
     results: dict[str, Any] = {"sqlite": bench_alone(lab / "sqlite", f"sqlite:///{lab / 'sqlite' / 'state.db'}",
-                                                     vms, runs)}
+                                                     jobs, vms, runs)}
     try:
         name = create_pg_database()
     except (BenchError, FileNotFoundError) as exc:
         results["postgresql"] = {"skipped": f"no PostgreSQL server to use: {exc}"}
         return results
     try:
-        results["postgresql"] = bench_alone(lab / "postgresql", f"{POSTGRES}/{name}", vms, runs)
+        results["postgresql"] = bench_alone(lab / "postgresql", f"{POSTGRES}/{name}", jobs, vms, runs)
     except StateDbUnavailable as exc:
         results["postgresql"] = {"skipped": f"PostgreSQL state DB not available in this build: {exc}"}
     finally:
@@ -628,13 +629,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=100, help="jobs in the load (default 100)")
     parser.add_argument("--vms", type=int, default=10, help="VMs per job (default 10)")
     parser.add_argument("--alone-only", type=int, metavar="RUNS",
-                        help="only the job alone, RUNS sessions per state DB, no daemon: the "
-                             "per-VM overhead without contention and where it goes, in a minute")
+                        help="only the job alone, RUNS sessions per state DB, no daemon (the "
+                             "config still holds --jobs jobs): the per-VM overhead without "
+                             "contention and where it goes, in a minute")
     args = parser.parse_args(argv)
     lab = args.lab.resolve()
     if args.alone_only:
         try:
-            results = alone_only(lab, args.vms, args.alone_only)
+            results = alone_only(lab, args.jobs, args.vms, args.alone_only)
         except BenchError as exc:
             progress(f"error: {exc}")
             return 1
