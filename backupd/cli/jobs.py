@@ -93,12 +93,13 @@ def job_start(ctx: Context, job_name: str, wait: bool, full: bool, retry: bool, 
         else:
             click.echo(f"session {session.id} started (job {job_name}, {how})")
         return
-    from backupd.host import host_session
+    from backupd.host import freeze_start_up_objects, host_session
     from backupd.progress import LiveView
     from backupd.render import session_document, session_text
 
     if not as_json:
         click.echo(f"session {session.id} started (job {job_name})", err=True)
+    freeze_start_up_objects()
     if not as_json and sys.stderr.isatty():
         with LiveView(service, session.id) as view:
             result = host_session(service, session.id, tick=view.draw)
