@@ -273,20 +273,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _postgresql_settings(dbapi_connection: Any, _record: Any) -> None:
-    """Per connection: ``synchronous_commit = off``, the durability SQLite's WAL with
-    ``synchronous=NORMAL`` gives (:func:`_sqlite_pragmas`). A commit survives any crash of
-    backupd's own processes at once; a crash of the database server or its machine may lose
-    the commits of its last fraction of a second (at most three ``wal_writer_delay``, 600 ms
-    by default), never the consistency of the database (PostgreSQL documentation,
-    "Asynchronous Commit"). backupd's recovery already copes with a record that is behind:
-    snapshots are found by their name prefix, restore points are listed from the repository.
-    What it saves is a WAL flush per commit, about 0.25 ms of each of the ten commits of a
-    VM task."""
-    autocommit = dbapi_connection.autocommit
-    dbapi_connection.autocommit = True
-    dbapi_connection.execute("SET synchronous_commit = off")
-    dbapi_connection.autocommit = autocommit
+#: libpq options of every PostgreSQL connection, sent in its start-up packet (no round trip):
+#: ``synchronous_commit = off``, the durability SQLite's WAL with ``synchronous=NORMAL`` gives
+#: (:func:`_sqlite_pragmas`). A commit survives any crash of backupd's own processes at once;
+#: a crash of the database server or its machine may lose the commits of its last fraction
+#: of a second (at most three ``wal_writer_delay``, 600 ms by default), never the database's
+#: consistency (PostgreSQL documentation, "Asynchronous Commit"). backupd's recovery already
+#: copes with a record that is behind: snapshots are found by their name prefix, restore
+#: points are listed from the repository. What it saves is a WAL flush per commit, about
+#: 0.25 ms of each of the seven commits of a VM task.
+_POSTGRESQL_OPTIONS = "-c synchronous_commit=off"
 
 
 def runner_gone(host: str | None, pid: int | None, heartbeat_at: datetime | None) -> bool:
@@ -335,12 +331,13 @@ class StateStore:
         try:
             self.engine = create_engine(
                 parsed,
-                connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
+                connect_args={"check_same_thread": False, "timeout": 30} if sqlite
+                else {"options": " ".join(filter(None, [parsed.query.get("options"), _POSTGRESQL_OPTIONS]))},
             )
             #: the same pool, each statement its own transaction (:meth:`_execute`)
             self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-            event.listen(self.engine, "connect", _sqlite_pragmas if sqlite else _postgresql_settings)
             if sqlite:
+                event.listen(self.engine, "connect", _sqlite_pragmas)
                 with self._sqlite_setup_lock(url):
                     self._set_up(wal=True)
             else:

@@ -92,6 +92,17 @@ def store(state_url: str) -> Iterator[StateStore]:
     the_store.close()
 
 
+def test_both_state_dbs_commit_without_waiting_for_a_disk_flush(store: StateStore) -> None:
+    """The same durability on both (docs/design.md): SQLite's WAL with synchronous=NORMAL,
+    PostgreSQL's synchronous_commit=off, on every connection of the pool."""
+    with store.engine.connect() as connection:
+        if store.engine.dialect.name == "sqlite":
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        else:
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+
+
 def test_a_new_session_starts_with_pending_tasks_in_config_order(store: StateStore) -> None:
     session = store.create_session("nightly", ["b", "a", "c"], full=False)
     assert session.state is SessionState.STARTING and session.result is None
