@@ -103,6 +103,27 @@ def test_both_state_dbs_commit_without_waiting_for_a_disk_flush(store: StateStor
             assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
 
 
+def test_a_task_record_sets_its_columns_adds_its_log_lines_and_releases_its_lock_at_once(store: StateStore) -> None:
+    """What a VM task writes at its lock and at its end, on both state DBs (on PostgreSQL one
+    statement each, on SQLite one transaction): all of it, or, for a lock another session
+    holds, nothing."""
+    first = store.create_session("nightly", ["web"], full=False).id
+    second = store.create_session("weekly", ["web"], full=False).id
+    task, other = store.tasks(first)[0], store.tasks(second)[0]
+
+    assert store.try_lock_vm("lab/web-id", first, task=task.id, vm_id="web-id", stage="snapshot") is None
+    assert store.try_lock_vm("lab/web-id", second, task=other.id, vm_id="web-id", stage="snapshot") == first
+    assert (store.task(task.id).vm_id, store.task(task.id).stage) == ("web-id", "snapshot")
+    assert (store.task(other.id).vm_id, store.task(other.id).stage) == (None, None), "a lock not taken sets nothing"
+
+    store.update_task(task.id, notes=["snapshot 7 removed", "retention removed 1 restore point(s): p"],
+                      unlock=("lab/web-id", first), status=TaskStatus.SUCCESS, stage="done")
+    assert (store.task(task.id).status, store.task(task.id).stage) == (TaskStatus.SUCCESS, "done")
+    assert [(line.vm, line.level, line.text) for line in store.log_lines(first)] == [
+        ("web", "info", "snapshot 7 removed"), ("web", "info", "retention removed 1 restore point(s): p")]
+    assert store.try_lock_vm("lab/web-id", second, task=other.id, vm_id="web-id", stage="snapshot") is None
+
+
 def test_a_new_session_starts_with_pending_tasks_in_config_order(store: StateStore) -> None:
     session = store.create_session("nightly", ["b", "a", "c"], full=False)
     assert session.state is SessionState.STARTING and session.result is None
