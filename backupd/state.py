@@ -277,7 +277,7 @@ def _task_record(columns: tuple[str, ...], notes: int, unlock: bool, lock: bool)
     ``lock_session``) and ``lock`` inserts one (``lock_key``, ``lock_session``, ``lock_at``:
     a taken key fails the whole statement, as the separate ``INSERT`` would).
     """
-    task = update(_TASKS).where(_TASKS.c.id == bindparam("task")).values({name: bindparam(name) for name in columns})
+    task = _task_update(columns)
     statement: Any
     if notes:
         updated = task.returning(_TASKS.c.session_id, _TASKS.c.vm).cte("updated")
