@@ -39,6 +39,7 @@ from backupd.enums import TaskStatus
 from backupd.errors import BackupdError, StateError
 from backupd.state import JobSession, StateStore, VmTask as VmTaskRow, as_utc, utcnow
 from backupd.stop import StopSignal
+from backupd.vmtask import VmTask
 
 if TYPE_CHECKING:
     from backupd.config import Config
@@ -98,8 +99,6 @@ class LocalDispatcher(Dispatcher):
         self._vm_pool = ThreadPoolExecutor(job.max_parallel_vms, thread_name_prefix=f"session-{session.id}-vm")
 
     def submit(self, row: VmTaskRow) -> "Future[None]":
-        from backupd.vmtask import VmTask
-
         task = VmTask(*self._args, row, self._stop, self._provider, self._repository, self._block_pool)
         return self._vm_pool.submit(task.run)
 

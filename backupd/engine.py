@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from backupd.config import Config
+from backupd.dispatch import open_dispatcher
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.errors import RepositoryError, StateError
 from backupd.recovery import recover
@@ -34,6 +35,7 @@ from backupd.recovery import recover
 from backupd.repository import Repository
 from backupd.state import HEARTBEAT_SECONDS, DaemonRegistry, JobSession, StateStore, utcnow
 from backupd.stop import StopSignal
+from providers import provider_type
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class SessionRunner:
         self.job = config.job(self.session.job)
         self.stop = StopSignal(store, session_id)
         self._done = threading.Event()
+        # imported now, before the session is claimed: start-up, not the session's time
+        self._provider_type = provider_type(config.providers[self.job.provider])
 
     def run(self) -> SessionResult:
         """Process the session to its end; never raises for a VM's failure.
@@ -145,13 +149,10 @@ class SessionRunner:
     # -- the work -----------------------------------------------------------------------------
 
     def _process(self) -> None:
-        from backupd.dispatch import open_dispatcher
-        from providers import open_provider
-
         session_id = self.session.id
         assert session_id is not None
         repository = self.config.repositories[self.job.repository].open(create=True)
-        provider = open_provider(self.job.provider, self.config.providers[self.job.provider])
+        provider = self._provider_type(self.job.provider, self.config.providers[self.job.provider])  # type: ignore[call-arg]
         if DaemonRegistry(self.store).alive() is None:  # a running daemon does it every minute
             for level, action in recover(self.config, self.store, hunt_jobs={self.session.job}):
                 self.store.log(session_id, f"recovery: {action}", level=level)
