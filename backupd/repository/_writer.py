@@ -13,6 +13,7 @@ removes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -336,8 +337,8 @@ class DiskWriter:
         self._block_size = block_size
         self._blocks = blocks_in(disk.capacity_bytes, block_size)
         self._last_size = disk.capacity_bytes - (self._blocks - 1) * block_size
-        self._zero = bytes(block_size)
-        self._zero_last = bytes(self._last_size)
+        self._zero = _zeros(block_size)
+        self._zero_last = _zeros(self._last_size)
         self._store = point._store
         self._staging = point._staging.path
 
@@ -377,3 +378,10 @@ class DiskWriter:
         finally:
             self._point._leave_put(len(data), digest != ZERO_DIGEST)
         return written
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(size: int) -> bytes:
+    """``size`` zero bytes, one copy per size for the process: a fresh block of zeros for
+    each disk writer cost a memset of a whole block (1-4 MiB) per disk."""
+    return bytes(size)
