@@ -202,13 +202,14 @@ class SessionRunner:
             )
 
     def _wait_for_vm_slot(self, slots: threading.Semaphore) -> bool:
-        """Wait for a free VM slot; False when a stop means no further VM may start. The
-        state DB is read once a slot is free (the control loop's polls answer meanwhile)."""
+        """Wait for a free VM slot; False when a stop the control loop has seen means no
+        further VM may start. A stop newer than its last poll is caught by the VM task,
+        which reads the state DB right before it creates its snapshot."""
         while True:
             if self.stop.requested:
                 return False
             if slots.acquire(timeout=POLL_SECONDS):
-                if self.stop.refresh() is None:
+                if not self.stop.requested:
                     return True
                 slots.release()
                 return False

@@ -20,8 +20,10 @@ Per VM, in this order (DESIGN.md, "Data flow"):
    a removal that succeeded is recorded with the task's end, see :meth:`VmTask._record_later`);
 7. apply retention to the VM's restore points of this job.
 
-A VM task of a VM that did not change makes seven state DB commits (docs/performance.md, "The
-daemon"): running, lock with VM id, snapshot id, the plan, commit stage, restore point, end.
+A VM task of a VM that did not change makes five state DB commits (docs/performance.md, "The
+daemon"): the VM lock with the task's start and VM id, the snapshot id, the commit stage with
+the plan (nothing to read), the restore point, the end. A VM with blocks to read records its
+plan before it reads, and its progress every :data:`PROGRESS_SECONDS`.
 
 An immediate stop is checked between blocks: the restore point in progress is aborted (nothing
 of it becomes a restore point) and the snapshot is removed. Transient provider errors are
@@ -168,7 +170,8 @@ class VmTask:
             self.stop.lose_state(exc)
 
     def _run(self) -> None:
-        self._update(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow())
+        # recorded with the VM lock (or with the line saying the task waits for it)
+        self._record_later(status=TaskStatus.RUNNING, stage="waiting", started_at=utcnow())
         try:
             vm = self._retry(lambda: self.provider.find_vm(self.vm_name))
             self._wait_for_vm_lock(vm_lock_key(self.job.provider, vm.id), vm.id)
@@ -209,13 +212,16 @@ class VmTask:
     # -- the steps --------------------------------------------------------------------------
 
     def _wait_for_vm_lock(self, key: str, vm_id: str) -> None:
-        """Take the VM's lock; its commit records the VM id and the next stage."""
+        """Take the VM's lock; its commit records the VM id, the next stage and what
+        :meth:`_record_later` kept (the task's start)."""
         deadline = time.monotonic() + self.job.vm_lock_timeout_seconds
         announced = False
         while True:
-            holder = self.store.try_lock_vm(key, self.session_id, task=self.row.id, vm_id=vm_id, stage="snapshot")
+            holder = self.store.try_lock_vm(key, self.session_id, task=self.row.id,
+                                            **{**self._later, "vm_id": vm_id, "stage": "snapshot"})
             if holder is None:
                 self._lock_key = key
+                self._later = {}
                 return
             if any(dead.id == holder for dead in self.store.dead_sessions()):
                 recover_dead_sessions(self.config, self.store)  # frees the lock of a dead runner
@@ -350,8 +356,13 @@ class VmTask:
                 for plan in plans
                 for number in plan.blocks
             )
-            self._update(mode=mode.value, bytes_total=total,
-                         note=f"{mode.value} transfer of {len(plans)} disk(s), {total} bytes to read")
+            # A transfer with something to read records its plan at once, for the progress
+            # view; one with nothing to read (a VM that did not change, under CBT) records it
+            # with its commit stage.
+            record = self._update if total else self._record_later
+            record(mode=mode.value, bytes_total=total,
+                   note=f"{mode.value} transfer of {len(plans)} disk(s), {total} bytes to read")
+            self._last_progress = time.monotonic()  # progress records every PROGRESS_SECONDS from here
             for plan, disk_writer in zip(plans, disk_writers, strict=True):
                 reader = self._retry(lambda plan=plan: self.provider.open_disk(snapshot, plan.disk))
                 with reader:

@@ -545,11 +545,11 @@ def test_a_job_without_enable_cbt_never_asks_and_provider_notices_reach_the_sess
 # -- overhead -----------------------------------------------------------------------------------
 
 
-def test_a_vm_task_of_an_unchanged_vm_commits_to_the_state_db_seven_times_and_releases_its_lock(site: Site) -> None:
+def test_a_vm_task_of_an_unchanged_vm_commits_to_the_state_db_five_times_and_releases_its_lock(site: Site) -> None:
     """Each state DB commit is a VM task's largest cost when nothing changed (docs/performance.md,
-    the daemon's per-VM overhead): running, lock with the VM id, snapshot id, the plan, stage
-    commit, restore point, end with the snapshot's removal and the lock's release. A commit is
-    a transaction's or a single statement's in autocommit mode."""
+    the daemon's per-VM overhead): the lock with the task's start and VM id, snapshot id, stage
+    commit with the plan, restore point, end with the snapshot's removal and the lock's
+    release. A commit is a transaction's or a single statement's in autocommit mode."""
     from sqlalchemy import event
     from sqlmodel import select
 
@@ -576,7 +576,23 @@ def test_a_vm_task_of_an_unchanged_vm_commits_to_the_state_db_seven_times_and_re
     assert result is SessionResult.SUCCESS
     assert {task.mode for task in site.tasks(session_id).values()} == {"incremental"}
     vm_task_commits = sum(n for name, n in commits_by_thread.items() if name.startswith(f"session-{session_id}-vm"))
-    assert vm_task_commits == 7 * len(VMS)
+    assert vm_task_commits == 5 * len(VMS)
     assert {(task.stage, task.snapshot_removed) for task in site.tasks(session_id).values()} == {("done", True)}
     with site.store._session() as db:
         assert list(db.exec(select(VmLock))) == []
+
+
+def test_a_vm_with_blocks_to_read_shows_its_plan_before_its_first_read(site: Site) -> None:
+    """The plan of a transfer with something to read (mode, bytes to read) is recorded before
+    the first block is read, for the progress view; only a transfer with nothing to read
+    leaves it to the commit stage's record."""
+    site.provider.pause("vm-a", "read")
+    running = site.start()
+    site.wait_paused("read", ["vm-a"])
+    task = site.tasks(running.id)["vm-a"]
+    assert (task.status, task.stage, task.mode, task.bytes_total, task.bytes_read) == \
+        (TaskStatus.RUNNING, "transfer", "full", DISK_BYTES, 0)
+    assert task.started_at is not None and task.vm_id is not None
+    assert f"full transfer of 1 disk(s), {DISK_BYTES} bytes to read" in site.log(running.id)
+    site.provider.clear_faults("vm-a")
+    assert running.outcome() is SessionResult.SUCCESS
