@@ -20,10 +20,10 @@ Per VM, in this order (DESIGN.md, "Data flow"):
    a removal that succeeded is recorded with the task's end, see :meth:`VmTask._record_later`);
 7. apply retention to the VM's restore points of this job.
 
-A VM task of a VM that did not change makes five state DB commits (docs/performance.md, "The
-daemon"): the VM lock with the task's start and VM id, the snapshot id, the commit stage with
-the plan (nothing to read), the restore point, the end. A VM with blocks to read records its
-plan before it reads, and its progress every :data:`PROGRESS_SECONDS`.
+A VM task of a VM that did not change makes four state DB commits (docs/performance.md, "The
+daemon"): the VM lock with the task's start and VM id, the snapshot id, the restore point with
+the plan (nothing to read), the end. A VM with blocks to read also records its plan before it
+reads, its progress every :data:`PROGRESS_SECONDS`, and its commit stage.
 
 An immediate stop is checked between blocks: the restore point in progress is aborted (nothing
 of it becomes a restore point) and the snapshot is removed. Transient provider errors are
@@ -356,9 +356,9 @@ class VmTask:
                 for plan in plans
                 for number in plan.blocks
             )
-            # A transfer with something to read records its plan at once, for the progress
-            # view; one with nothing to read (a VM that did not change, under CBT) records it
-            # with its commit stage.
+            # A transfer with blocks to read records its plan before it reads, and its commit
+            # stage, for the progress view. One with nothing to read (a VM that did not change,
+            # under CBT) is over in a moment: its plan goes with its restore point's record.
             record = self._update if total else self._record_later
             record(mode=mode.value, bytes_total=total,
                    note=f"{mode.value} transfer of {len(plans)} disk(s), {total} bytes to read")
@@ -368,7 +368,8 @@ class VmTask:
                 with reader:
                     self._copy_blocks(reader, disk_writer, plan)
             self._check_cancel()
-            self._update(stage="commit")
+            if total:
+                self._update(stage="commit")
             info = writer.commit()
         # While blocks are staged, two VM tasks may both count a block they share; the
         # repository settles which point added it at commit.
