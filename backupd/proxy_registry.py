@@ -52,7 +52,7 @@ class ProxyRegistry:
         """
         name = f"{host}/{pid}"
         now = utcnow()
-        with self._store._session() as db:
+        with self._store._session(write=True) as db:
             db.merge(Proxy(name=name, host=host, pid=pid, pool=pool, capacity=capacity, running=0, peak_running=0,
                            status="up", note=None, started_at=now, heartbeat_at=now))
             db.commit()
@@ -63,7 +63,7 @@ class ProxyRegistry:
 
         :raises StateError: the state DB cannot be used.
         """
-        with self._store._session() as db:
+        with self._store._session(write=True) as db:
             db.exec(update(Proxy).where(Proxy.name == name).values(  # type: ignore[call-overload]
                 heartbeat_at=utcnow(), running=running, peak_running=peak, status=status, note=note))
             db.commit()
