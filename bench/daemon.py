@@ -303,8 +303,8 @@ def first_snapshot(session: dict[str, Any]) -> datetime | None:
 
 #: the steps of a VM task, each ending at a line of its session log, timed from the previous
 VM_STEPS = (("lock + snapshot", re.compile(r"snapshot \S+ created")),
-            ("plan (CBT query)", re.compile(r"\w+ transfer of ")),
-            ("commit (0 bytes)", re.compile(r"restore point \S+ committed")))
+            # the plan's line of a transfer with nothing to read comes with this one
+            ("plan (CBT query) + commit (0 bytes)", re.compile(r"restore point \S+ committed")))
 #: the last step: its log line ("snapshot ... removed") is written with the task's end record
 VM_TAIL = "snapshot removal, retention, task end"
 
