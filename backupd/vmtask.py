@@ -58,7 +58,7 @@ from providers.base import (
 
 if TYPE_CHECKING:
     from backupd.config import Config
-    from backupd.repository import DiskWriter, PointWriter, Repository
+    from backupd.repository import BasePoint, DiskWriter, PointWriter, Repository
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -341,14 +341,14 @@ class VmTask:
             log.exception("VM task %s of session %s: state DB update failed", self.vm_name, self.session_id)
 
     def _transfer(self, vm: VmInfo, snapshot: Snapshot) -> tuple[str, TransferMode]:
-        plans = self._plan(vm, snapshot)
+        plans, base = self._plan(vm, snapshot)
         vm_config = self._retry(lambda: self.provider.vm_config(snapshot))
         mode = TransferMode.INCREMENTAL if all(p.base_point for p in plans) else TransferMode.FULL
         block_size = self.repository.block_size
         writer: PointWriter
         with self.repository.new_point(
             vm=vm.name, vm_id=vm.id, vm_config=vm_config, job=self.job_name, session=str(self.session_id),
-            mode=mode.value,
+            mode=mode.value, base=base,
         ) as writer:
             disk_writers = [self._add_disk(writer, plan) for plan in plans]
             total = sum(
@@ -400,34 +400,35 @@ class VmTask:
             plan.blocks = sorted(set(plan.blocks) | disk_writer.missing)
         return disk_writer
 
-    def _plan(self, vm: VmInfo, snapshot: Snapshot) -> list[_DiskPlan]:
-        previous = None
+    def _plan(self, vm: VmInfo, snapshot: Snapshot) -> tuple[list[_DiskPlan], "BasePoint | None"]:
+        """What to read of each disk, and the restore point the incremental ones build on."""
+        base = None
         if not self.full:
-            previous, passed_over = self.repository.base_point(vm_id=vm.id, vm=vm.name, job=self.job_name)
+            base, passed_over = self.repository.base_point(vm_id=vm.id, vm=vm.name, job=self.job_name)
             for damaged in passed_over:
                 self._log(f"restore point {damaged.id} is damaged and is not used as a base: {damaged.problem}",
                           level="warning")
-        previous_disks = {disk.key: disk for disk in previous.disks} if previous else {}
+        base_disks = {disk.key: disk for disk in base.info.disks} if base else {}
         block_size = self.repository.block_size
         plans = []
         for disk in self._retry(lambda: self.provider.disks(snapshot)):
-            base = previous_disks.get(disk.key)
+            base_disk = base_disks.get(disk.key)
             extents: list[Extent] | None = None
-            if previous is not None and base is not None and base.change_id and disk.change_id \
-                    and base.capacity_bytes == disk.capacity_bytes:
+            if base is not None and base_disk is not None and base_disk.change_id and disk.change_id \
+                    and base_disk.capacity_bytes == disk.capacity_bytes:
                 try:
-                    extents = self._retry(lambda disk=disk, since=base.change_id: self.provider.changed_areas(snapshot, disk, since))
+                    extents = self._retry(lambda disk=disk, since=base_disk.change_id: self.provider.changed_areas(snapshot, disk, since))
                 except CbtUnavailable as exc:
                     self._log(f"{disk.label}: changed block tracking unavailable ({exc}); reading the whole disk", level="warning")
             if extents is not None:
-                plans.append(_DiskPlan(disk, blocks_of(extents, block_size, disk.capacity_bytes), previous.id))  # type: ignore[union-attr]
+                plans.append(_DiskPlan(disk, blocks_of(extents, block_size, disk.capacity_bytes), base.info.id))  # type: ignore[union-attr]
                 continue
             try:
                 extents = self._retry(lambda disk=disk: self.provider.changed_areas(snapshot, disk, "*"))
             except CbtUnavailable:
                 extents = [Extent(0, disk.capacity_bytes)]
             plans.append(_DiskPlan(disk, blocks_of(extents, block_size, disk.capacity_bytes), None))
-        return plans
+        return plans, base
 
     def _copy_blocks(self, reader: DiskReader, disk_writer: "DiskWriter", plan: _DiskPlan) -> None:
         """Read the plan's blocks in order; hash, compress and store them on the block pool.

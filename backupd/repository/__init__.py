@@ -18,13 +18,14 @@ The on-disk format is described in ``docs/repository-format.md``.
 from __future__ import annotations
 
 from ._maintenance import GcResult, VerifyResult
-from ._manifest import DamagedPoint, PointDisk, PointInfo
+from ._manifest import BasePoint, DamagedPoint, PointDisk, PointInfo
 from ._repository import Repository
 from ._restore import image_name
 from ._stream import DiskStream, PointReader
 from ._writer import DiskWriter, PointWriter
 
 __all__ = [
+    "BasePoint",
     "DamagedPoint",
     "DiskStream",
     "DiskWriter",

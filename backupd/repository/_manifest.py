@@ -103,6 +103,20 @@ class PointInfo:
 
 
 @dataclass(frozen=True)
+class BasePoint:
+    """The restore point an incremental transfer builds on, its manifest read in full and
+    its checksum checked (:meth:`Repository.base_point`).
+
+    :ivar info: its header.
+    :ivar maps: one block map per disk of ``info.disks``, in that order: ``blocks * 32``
+        bytes, entry ``i`` the digest of block ``i``.
+    """
+
+    info: PointInfo
+    maps: list[bytes]
+
+
+@dataclass(frozen=True)
 class DamagedPoint:
     """A restore point whose manifest cannot be trusted: it is listed as damaged, never
     used as the base of an incremental transfer, and stops garbage collection until it is

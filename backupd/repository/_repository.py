@@ -14,7 +14,7 @@ from ._blocks import BlockStore
 from ._layout import FORMAT_VERSION, Layout, RepositoryConfig
 from ._locking import discard_dead_staging
 from ._maintenance import GcResult, VerifyResult
-from ._manifest import DamagedPoint, PointInfo, peek_header, read_header, read_manifest
+from ._manifest import BasePoint, DamagedPoint, PointInfo, peek_header, read_header, read_manifest
 from ._restore import restore
 from ._stream import PointReader
 from ._writer import PointWriter
@@ -79,7 +79,8 @@ class Repository:
         return cls(layout, config, compression_level)
 
     def new_point(
-        self, *, vm: str, vm_id: str, vm_config: VmConfig | None = None, job: str, session: str, mode: str
+        self, *, vm: str, vm_id: str, vm_config: VmConfig | None = None, job: str, session: str, mode: str,
+        base: BasePoint | None = None,
     ) -> PointWriter:
         """Start writing a restore point of one VM.
 
@@ -97,13 +98,15 @@ class Repository:
         :param session: the job session id.
         :param mode: ``"full"`` or ``"incremental"`` (a :class:`~backupd.enums.TransferMode`
             member is accepted and stored by value).
+        :param base: what :meth:`base_point` returned, when the disks name that point as their
+            ``base_point``: its block maps, read and checked there, are not read again.
         :raises RepositoryError: the staging folder or lock cannot be created.
         """
         if self._config.version < FORMAT_VERSION:
             self._config = self._layout.upgrade_config(self._config)
         return PointWriter(
             self._layout, self._store, self.block_size,
-            vm=vm, vm_id=vm_id, vm_config=vm_config, job=job, session=session, mode=mode,
+            vm=vm, vm_id=vm_id, vm_config=vm_config, job=job, session=session, mode=mode, base=base,
         )
 
     def points(
@@ -181,12 +184,13 @@ class Repository:
             return False
         return True
 
-    def base_point(self, *, vm_id: str, vm: str, job: str) -> tuple[PointInfo | None, list[DamagedPoint]]:
+    def base_point(self, *, vm_id: str, vm: str, job: str) -> tuple[BasePoint | None, list[DamagedPoint]]:
         """The newest restore point of a VM's :meth:`chain` made by a job whose manifest is
         whole (read in full, checksum checked): the base of the next incremental transfer.
 
-        :returns: that point (None: no sound point, a full transfer is needed) and the
-            damaged points of the VM and job newer than it, which were passed over.
+        :returns: that point with its block maps (None: no sound point, a full transfer is
+            needed; hand it to :meth:`new_point`) and the damaged points of the VM and job
+            newer than it, which were passed over.
         :raises RepositoryError: the repository cannot be read.
         """
         sound, damaged = self._chain(vm_id, vm, job)
@@ -194,13 +198,13 @@ class Repository:
         for info in sound:
             path = self._layout.manifest_path(info.vm_id, info.vm, info.id)
             try:
-                read_manifest(path, self.block_size)
+                base = BasePoint(*read_manifest(path, self.block_size))
             except NotFoundError:
                 continue
             except RepositoryCorruptError as exc:
                 passed_over.append(DamagedPoint(info.id, path.parent.name, str(exc), info))
                 continue
-            return info, sorted((d for d in passed_over if d.id > info.id), key=lambda d: d.id, reverse=True)
+            return base, sorted((d for d in passed_over if d.id > info.id), key=lambda d: d.id, reverse=True)
         return None, sorted(passed_over, key=lambda d: d.id, reverse=True)
 
     def delete_points(self, point_ids: list[str]) -> list[str]:

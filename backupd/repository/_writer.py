@@ -27,7 +27,7 @@ from providers.base import VmConfig
 from ._blocks import DIGEST_SIZE, ZERO_DIGEST, BlockStore, block_digest
 from ._layout import Layout, make_private_dir, new_point_id, sync_filesystem
 from ._locking import Staging, lock_shared
-from ._manifest import PointDisk, PointInfo, blocks_in, read_manifest, write_manifest
+from ._manifest import BasePoint, PointDisk, PointInfo, blocks_in, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class PointWriter:
         job: str,
         session: str,
         mode: str,
+        base: BasePoint | None = None,
     ) -> None:
         for name, value in (("vm", vm), ("vm_id", vm_id), ("job", job), ("session", session), ("mode", mode)):
             if not isinstance(value, str):
@@ -83,8 +84,9 @@ class PointWriter:
         self._guard = threading.Condition()
         self._in_flight = 0
         self._bytes_read = 0
-        #: the base restore point's header and block maps, read once for all disks
-        self._base: tuple[str, PointInfo, list[bytes]] | None = None
+        #: the base restore point's header and block maps, read once for all disks (or
+        #: handed over by Repository.new_point)
+        self._base = base
         #: a put_block recorded a non-zero block (stored now or deduplicated): the commit
         #: must flush; a point of zero blocks and inherited entries only references blocks
         #: made durable before their own point's manifest was written
@@ -169,16 +171,16 @@ class PointWriter:
         return missing
 
     def _base_map(self, base_point: str, key: int, capacity_bytes: int) -> bytes:
-        if self._base is None or self._base[0] != base_point:
+        if self._base is None or self._base.info.id != base_point:
             # the base is of this VM's chain: its folders are looked in first (one stat, not
             # one per VM of the repository)
             chain = [self._layout.vm_dir(self.vm_id, self.vm), self._layout.vm_dir(None, self.vm)]
             try:
-                self._base = (base_point, *read_manifest(self._layout.find_manifest(base_point, first=chain),
-                                                         self._block_size))
+                self._base = BasePoint(*read_manifest(self._layout.find_manifest(base_point, first=chain),
+                                                      self._block_size))
             except NotFoundError as exc:
                 raise RepositoryError(f"base restore point {base_point} does not exist") from exc
-        _, base, maps = self._base
+        base, maps = self._base.info, self._base.maps
         if not base.of_vm(self.vm_id, self.vm):
             raise RepositoryError(
                 f"base restore point {base_point} belongs to VM {base.vm!r} (id {base.vm_id}), not "

@@ -42,7 +42,8 @@ def test_a_renamed_vm_goes_on_with_its_chain_and_each_point_keeps_the_name_it_wa
     first = backup(repo, "web", {2000: image}, vm_id=UUID, vm_config=vm_config("web", len(image)))
     changed = image[: 2 * BS] + disk_image(2, 1) + image[3 * BS :]
 
-    assert repo.base_point(vm_id=UUID, vm="www", job="nightly") == (first, [])
+    base, passed_over = repo.base_point(vm_id=UUID, vm="www", job="nightly")
+    assert (base.info, passed_over) == (first, [])
     second = backup(repo, "www", {2000: changed}, vm_id=UUID, base=first.id, changed=[2])
     other = backup(repo, "web", {2000: image}, vm_id="another-vm")  # a new VM that took the old name
 
@@ -123,8 +124,8 @@ def test_a_format_1_chain_goes_on_under_the_vm_id_and_the_repository_becomes_for
     disks = [(FIXTURES / f"repository-format-1.disk{key}.img").read_bytes() for key in (2000, 2001)]
 
     base, passed_over = old_repo.base_point(vm_id=UUID, vm="web", job="nightly")
-    assert (base, passed_over) == (newest, [])
-    point = backup(old_repo, "web", dict(zip((2000, 2001), disks)), vm_id=UUID, base=base.id, changed=[])
+    assert (base.info, passed_over) == (newest, [])
+    point = backup(old_repo, "web", dict(zip((2000, 2001), disks)), vm_id=UUID, base=base.info.id, changed=[])
 
     assert json.loads((old_repo.path / "repository.json").read_text())["version"] == FORMAT_VERSION
     assert [p.read_bytes() for p in old_repo.restore(point.id, tmp_path / "out")] == disks

@@ -161,6 +161,27 @@ def test_incremental_point_is_complete_base_plus_changes(tmp_path):
     assert restore_bytes(repo, base.id, tmp_path / "old")[0] == old
 
 
+def test_a_writer_builds_on_the_block_maps_base_point_checked_without_reading_them_again(tmp_path):
+    """base_point reads the base manifest in full and checks it; handed to new_point, those
+    block maps are what the new point starts from: the manifest is not read a second time."""
+    repo = make_repo(tmp_path)
+    old = disk_image(6, 4)
+    first = backup(repo, "vm", {2000: old})
+    base, passed_over = repo.base_point(vm_id="vm", vm="vm", job="nightly")
+    assert (base.info, passed_over, len(base.maps)) == (first, [], 1)
+    next((repo.path / "points").rglob(f"{first.id}.manifest")).unlink()  # read again: "does not exist"
+    new = bytearray(old)
+    new[2 * BS : 3 * BS] = random.Random(9).randbytes(BS)
+
+    with repo.new_point(vm="vm", vm_id="vm", job="nightly", session="s", mode="incremental", base=base) as writer:
+        disk = writer.add_disk(key=2000, label="Hard disk 2000", capacity_bytes=len(old), change_id="c",
+                               base_point=first.id)
+        put_all(disk, bytes(new), [2])
+        point = writer.commit()
+
+    assert restore_bytes(repo, point.id, tmp_path / "out") == [bytes(new)]
+
+
 @pytest.mark.parametrize(
     ("changed", "syncs"),
     [
@@ -300,7 +321,7 @@ def test_points_filter_by_vm_and_job_newest_first(tmp_path):
     assert [p.id for p in repo.points(vm="a")] == [a3.id, a2.id, a1.id]
     assert [p.id for p in repo.points(job="nightly")] == [a3.id, b1.id, a1.id]
     assert [p.id for p in repo.points(vm="a", job="nightly")] == [a3.id, a1.id]
-    assert repo.base_point(vm_id="a", vm="a", job="nightly") == (a3, [])
+    assert repo.base_point(vm_id="a", vm="a", job="nightly")[0].info == a3
     assert repo.base_point(vm_id="c", vm="c", job="nightly") == (None, [])
     assert repo.points(vm="nobody") == []
 
