@@ -13,15 +13,25 @@ The object mirrors the dataclasses field for field (sizes in bytes)::
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any
 
 from providers.base import DiskConfig, NicConfig, VmConfig
 
+_SCALARS = tuple(f.name for f in fields(VmConfig) if f.name not in ("disks", "nics"))
+_DISK = tuple(f.name for f in fields(DiskConfig))
+_NIC = tuple(f.name for f in fields(NicConfig))
+
 
 def config_to_json(config: VmConfig) -> dict[str, Any]:
-    """``config`` as a JSON-ready dict (the shape in the module docstring)."""
-    return asdict(config)
+    """``config`` as a JSON-ready dict (the shape in the module docstring). Built field by
+    field: ``dataclasses.asdict`` deep-copies every value, several times slower, and this
+    runs for every snapshot and restore point."""
+    return {
+        **{name: getattr(config, name) for name in _SCALARS},
+        "disks": [{name: getattr(disk, name) for name in _DISK} for disk in config.disks],
+        "nics": [{name: getattr(nic, name) for name in _NIC} for nic in config.nics],
+    }
 
 
 def config_from_json(value: Any) -> VmConfig:
