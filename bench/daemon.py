@@ -419,7 +419,7 @@ def check_state_db(cli: Backupd) -> None:
 def prepare_lab(lab: Path, state_url: str, jobs: int, vms: int) -> Backupd:
     """A fresh lab on that state DB, every VM made (``vm list``: the simulated provider makes
     a declared VM on its first use, which a hypervisor's VMs do not need, so no timed
-    session pays for it) and the stop VMs' disks filled; its CLI. The cron minute of this
+    session pays for it), the stop VMs' disks filled and all of it on disk; its CLI. The cron minute of this
     config does not matter: no daemon reads it (:func:`bench_backend` rewrites it).
 
     :raises StateDbUnavailable: this build cannot open the state DB
@@ -431,6 +431,9 @@ def prepare_lab(lab: Path, state_url: str, jobs: int, vms: int) -> Backupd:
     cli.json("vm", "list", "--provider", "sim")
     for name in stop_vms():
         cli.json("sim", "write", name, "--blocks", str(STOP_DISK_MIB))
+    # The lab's files (thousands, and the stop VMs' disks) written back now: left dirty, their
+    # writeback lands in the first timed sessions and slows every fsync they make.
+    os.sync()
     return cli
 
 
