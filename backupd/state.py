@@ -312,7 +312,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 #: consistency (PostgreSQL documentation, "Asynchronous Commit"). backupd's recovery already
 #: copes with a record that is behind: snapshots are found by their name prefix, restore
 #: points are listed from the repository. What it saves is a WAL flush per commit, about
-#: 0.25 ms of each of the five commits of an unchanged VM's task.
+#: 0.25 ms of each of the four commits of an unchanged VM's task.
 _POSTGRESQL_OPTIONS = "-c synchronous_commit=off"
 
 
