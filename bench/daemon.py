@@ -431,8 +431,8 @@ def prepare_lab(lab: Path, state_url: str, jobs: int, vms: int) -> Backupd:
     cli.json("vm", "list", "--provider", "sim")
     for name in stop_vms():
         cli.json("sim", "write", name, "--blocks", str(STOP_DISK_MIB))
-    # The lab's files (thousands, and the stop VMs' disks) written back now: left dirty, their
-    # writeback lands in the first timed sessions and slows every fsync they make.
+    # The lab's files (thousands, and the stop VMs' disks) written back now, not while the
+    # first sessions are timed.
     os.sync()
     return cli
 
