@@ -127,14 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="backupd-baseline-") as tmp, \
             tempfile.TemporaryDirectory(prefix="backupd-current-") as current:
         export(args.baseline, Path(tmp))
+        current_path = None  # the working tree, through the venv's editable install
         if args.current:
             export(args.current, Path(current))
+            current_path = current
         if args.overhead:
-            sides = [(f"baseline {args.baseline}", tmp), (args.current or "current", current if args.current else None)]
+            sides = [(f"baseline {args.baseline}", tmp), (args.current or "current", current_path)]
             print(compare_overhead(args.lab, args.overhead, args.pairs, sides))
             return 0
         for pair in range(1, args.pairs + 1):
-            for side, path in (("baseline", tmp), ("current", current if args.current else None)):
+            for side, path in (("baseline", tmp), ("current", current_path)):
                 progress(f"pair {pair}/{args.pairs}: {side}")
                 runs[side].append(bench_once(args.lab, path))
     rows = [("figure (median)", f"baseline {args.baseline}", args.current or "current", "change")]
