@@ -589,7 +589,7 @@ def test_a_vm_task_of_an_unchanged_vm_commits_to_the_state_db_four_times_and_rel
 def test_a_vm_with_blocks_to_read_shows_its_plan_before_its_first_read(site: Site) -> None:
     """The plan of a transfer with something to read (mode, bytes to read) is recorded before
     the first block is read, for the progress view; only a transfer with nothing to read
-    leaves it to the commit stage's record."""
+    leaves it to the restore point's record."""
     site.provider.pause("vm-a", "read")
     running = site.start()
     site.wait_paused("read", ["vm-a"])
