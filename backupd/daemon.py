@@ -13,12 +13,14 @@ per event on stderr. Its loop, every :data:`TICK_SECONDS`:
 - every :data:`RECOVERY_SECONDS` (and at start and exit) runs recovery: sessions whose runner
   is gone end ``failed``, and the snapshot hunter removes what ended sessions left.
 
-**A process per session.** Each session runs in its own ``python -m backupd.host`` process,
-started and reaped by the daemon: a session that crashes — an exception in a provider, a
-segfault in a C extension, ``kill -9`` — takes down nothing but itself; the daemon sees the
-process gone and recovers the session. Threads in one process would share every such fate, and
-a stuck provider call could not be killed. The cost is a Python start per session (~0.3 s).
-Session processes also outlive the daemon: one killed or crashed leaves them running (and their
+**A process per session.** Each session runs in a session process of its own
+(:mod:`backupd.host`), supervised by the daemon: a session that crashes — an exception in a
+provider, a segfault in a C extension, ``kill -9`` — takes down nothing but itself; the daemon
+sees the process gone and recovers the session. Threads in one process would share every such
+fate, and a stuck provider call could not be killed. The daemon's fork server
+(:mod:`backupd.forkserver`) starts them: it imports everything once and forks a child per
+session, so a session does not pay for a Python start (~0.5 s of CPU). Session processes also
+outlive the daemon: one killed or crashed leaves them running (and their
 VM tasks, in them or on backup proxies), and the next daemon adopts them at its start
 (:meth:`Daemon._adopt`): it supervises them as its own children from then on.
 
@@ -39,7 +41,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from backupd.config import Config, load_config
 from backupd.enums import SessionResult, SessionState, StopMode, TaskStatus
 from backupd.errors import BackupdError, ConfigError, StateError
+from backupd.forkserver import ProcessLost, SessionProcess, SessionStarter
 from backupd.schedule import build_trigger
 from backupd.state import HEARTBEAT_SECONDS, DaemonRegistry, JobSession, StateStore, as_utc, utcnow
 
@@ -158,17 +160,22 @@ class _Child:
 
     session: int
     job: str
-    process: subprocess.Popen[bytes] | None
+    process: SessionProcess | None
     pid: int
 
     def exit_code(self) -> int | None:
         """The process's exit code once it has ended, else None; an adopted process that has
-        ended gives -1 (its exit code went to its new parent)."""
+        ended gives -1 (its exit code went to its new parent), and so does one whose fork
+        server ended before it (watched by pid from then on)."""
         from backupd.host import is_session_process
         from backupd.state import pid_alive
 
         if self.process is not None:
-            return self.process.poll()
+            try:
+                return self.process.poll()
+            except ProcessLost as exc:
+                log.warning("session %s: %s; its process is watched by pid from now on", self.session, exc)
+                self.process = None
         return None if pid_alive(self.pid) and is_session_process(self.pid) else -1  # a reused pid is not it
 
 
@@ -222,6 +229,7 @@ class Daemon:
         self.registry.register(str(self.config.path))
         handlers = self._install_signal_handlers()
         metrics = self._serve_metrics()
+        self._starter = SessionStarter(self.config.path)
         try:
             now = self.clock()
             log.info("daemon started: pid %d, config %s, %d scheduled job(s)", os.getpid(), self.config.path,
@@ -238,6 +246,7 @@ class Daemon:
             log.info("daemon stopped: every session has ended")
             return 0
         finally:
+            self._starter.close()
             if metrics is not None:
                 metrics.shutdown()
             for sig, handler in handlers.items():
@@ -414,12 +423,10 @@ class Daemon:
         self._guarded(pick)
 
     def _spawn(self, session: JobSession) -> None:
-        from backupd.host import spawn_session_process
-
         assert session.id is not None
         log_path = self.config.path.parent / "logs" / f"session-{session.id}.log"
         try:
-            process = spawn_session_process(self.config, session.id, log_path)
+            process = self._starter.spawn(self.config, session.id, log_path)
         except OSError as exc:
             self.store.end_session(session.id, SessionResult.FAILED, f"could not start the session's process: {exc}",
                                    unfinished=TaskStatus.NOT_PROCESSED)
@@ -457,7 +464,7 @@ class Daemon:
             session = self.store.session(child.session)
             if child.process is None:
                 if session.state is not SessionState.STOPPED:  # it died before ending its session
-                    log.error("session %s: its adopted process pid %d is gone; recovering", child.session, child.pid)
+                    log.error("session %s: its process pid %d is gone; recovering", child.session, child.pid)
                     self._recover()
                 continue
             if session.state is SessionState.STARTING and (session.owner_host, session.owner_pid) == self._owner:

@@ -126,46 +126,78 @@ def spawn_session_process(config: "Config", session_id: int, log_path: Path) -> 
     return child
 
 
-def is_session_process(pid: int) -> bool:
-    """Whether process ``pid`` of this host is a session process, ``python -m backupd.host``
-    (what :func:`spawn_session_process` starts), read from ``/proc/PID/cmdline`` (Linux); False
-    for a foreground ``job start --wait``, a process that has ended, or one that cannot be read
-    (a process that has only just been exec'ed may read empty for a moment; the daemon asks
-    about processes that have run for a while)."""
+#: the name every session process gives itself (``/proc/PID/comm``, what ``ps`` and ``top``
+#: show): a fork server's children share its command line, so this is what marks them
+SESSION_PROCESS_NAME = "backupd-session"
+
+
+def name_session_process() -> None:
+    """Call first thing in a session process: its name becomes :data:`SESSION_PROCESS_NAME`,
+    written to ``/proc/self/comm`` (Linux, at most 15 bytes; elsewhere nothing happens)."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        Path("/proc/self/comm").write_text(SESSION_PROCESS_NAME)
+    except OSError:
+        pass
+
+
+def is_session_process(pid: int) -> bool:
+    """Whether process ``pid`` of this host is a session process: one named
+    :data:`SESSION_PROCESS_NAME` (a child of the daemon's fork server, :mod:`backupd.forkserver`,
+    or a ``python -m backupd.host``), or one whose command line says ``-m backupd.host`` (a
+    session process that has not named itself yet, or one an earlier backupd started), read
+    from ``/proc/PID/comm`` and ``/proc/PID/cmdline`` (Linux). False for a foreground ``job
+    start --wait``, the fork server itself, a process that has ended, or one that cannot be
+    read."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if (proc / "comm").read_text().strip() == SESSION_PROCESS_NAME:
+            return True
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
     return any(argv[i:i + 2] == [b"-m", b"backupd.host"] for i in range(len(argv) - 1))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m backupd.host --config PATH SESSION_ID``: host one created session."""
+def run_session_process(config_path: Path, config_source: bytes | None, session_id: int) -> int:
+    """The body of a session process: load the config, host the session, close.
+
+    :param config_path: the config file (its folder resolves relative paths).
+    :param config_source: the config's bytes as the starter read them, or None to read the file.
+    :returns: the exit code: the session's (0 success, 1 warning, 2 failed), or a
+        :class:`~backupd.errors.BackupdError`'s (the config, the state DB, no such session),
+        its message on stderr.
+    """
     from backupd.cli import MAX_SESSION_ID, configure_logging
     from backupd.config import load_config
     from backupd.errors import BackupdError, NotFoundError
     from backupd.service import Backupd
 
+    name_session_process()
+    configure_logging()
+    try:
+        if not 1 <= session_id <= MAX_SESSION_ID:
+            raise NotFoundError(f"no session {session_id}")
+        service = Backupd(load_config(config_path, data=config_source))
+        try:
+            freeze_start_up_objects()
+            return host_session(service, session_id).exit_code
+        finally:
+            service.close()
+    except BackupdError as exc:
+        print(f"backupd: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m backupd.host --config PATH SESSION_ID``: host one created session."""
     parser = argparse.ArgumentParser(prog="python -m backupd.host", description=main.__doc__)
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--config-on-stdin", action="store_true",
                         help="the config file's bytes come on stdin (its path still resolves relative paths)")
     parser.add_argument("session_id", type=int)
     args = parser.parse_args(argv)
-    configure_logging()
-    try:
-        if not 1 <= args.session_id <= MAX_SESSION_ID:
-            raise NotFoundError(f"no session {args.session_id}")
-        data = sys.stdin.buffer.read() if args.config_on_stdin else None
-        service = Backupd(load_config(args.config, data=data))
-        try:
-            freeze_start_up_objects()
-            return host_session(service, args.session_id).exit_code
-        finally:
-            service.close()
-    except BackupdError as exc:
-        print(f"backupd: {exc}", file=sys.stderr)
-        return exc.exit_code
+    data = sys.stdin.buffer.read() if args.config_on_stdin else None
+    return run_session_process(args.config, data, args.session_id)
 
 
 if __name__ == "__main__":

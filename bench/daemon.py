@@ -19,9 +19,11 @@ per-VM overhead
     Target: at most 10 ms per VM.
 memory
     The daemon's ``VmRSS`` (``/proc/PID/status``) at rest, before the minute, and its
-    ``VmHWM`` (peak) after the load; its session processes (``python -m backupd.host``, one
-    per session), sampled every :data:`SAMPLE_SECONDS`: the largest ``VmHWM`` of one, and the
-    largest sum of ``VmRSS`` of those alive at one sample.
+    ``VmHWM`` (peak) after the load; its fork server's ``VmHWM``; its session processes (the
+    processes below it named ``backupd-session``, one per session), sampled every
+    :data:`SAMPLE_SECONDS`: the largest ``VmHWM`` of one, and the largest sums of ``VmRSS`` and
+    of ``Pss`` (``/proc/PID/smaps_rollup``) of those alive at one sample. Forked from one fork
+    server, they share its pages: each one's RSS counts them whole, its PSS a share.
 immediate stop
     A job of :data:`STOP_VMS` VMs (32 MiB disks filled by ``sim write --blocks 32``) on a
     provider throttled to :data:`STOP_THROTTLE_MIB_S` MiB/s per disk, ``max_parallel_vms`` =
@@ -173,16 +175,32 @@ def memory_kib(pid: int) -> dict[str, int]:
             (line.split(":", 1) for line in text.splitlines()) if key in ("VmRSS", "VmHWM")}
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (``/proc/*/stat``)."""
-    found = []
+def pss_kib(pid: int) -> int:
+    """``Pss`` of a process (``/proc/PID/smaps_rollup``), KiB: its pages, each shared one
+    divided by its sharers; 0 when it has gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """The processes below ``pid`` (children, theirs, ...), each with its name (``comm``),
+    from ``/proc/*/stat``."""
+    parents: dict[int, tuple[int, str]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
         except OSError:
             continue
-        if int(text[text.rfind(")") + 2:].split()[1]) == pid:
-            found.append(int(stat.parent.name))
+        name = text[text.find("(") + 1:text.rfind(")")]
+        parents[int(stat.parent.name)] = (int(text[text.rfind(")") + 2:].split()[1]), name)
+    found: dict[int, str] = {}
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, (parent, _) in parents.items() if parent in frontier and child not in found}
+        found.update((child, parents[child][1]) for child in frontier)
     return found
 
 
@@ -218,21 +236,29 @@ class Daemon:
 
 
 class SessionMemory:
-    """Peak memory of the daemon's session processes, from samples."""
+    """Peak memory of the daemon's session processes and of its fork server, from samples."""
 
     def __init__(self, daemon_pid: int) -> None:
         self.daemon_pid = daemon_pid
         self.peak_kib: dict[int, int] = {}
         self.max_sum_kib = 0
+        self.max_sum_pss_kib = 0
+        self.fork_server_peak_kib = 0
 
     def sample(self) -> None:
-        total = 0
-        for pid in children(self.daemon_pid):
+        total = total_pss = 0
+        for pid, name in descendants(self.daemon_pid).items():
             memory = memory_kib(pid)
-            if memory:
-                self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), memory["VmHWM"])
-                total += memory["VmRSS"]
+            if not memory:
+                continue
+            if name != "backupd-session":  # the fork server
+                self.fork_server_peak_kib = max(self.fork_server_peak_kib, memory["VmHWM"])
+                continue
+            self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), memory["VmHWM"])
+            total += memory["VmRSS"]
+            total_pss += pss_kib(pid)
         self.max_sum_kib = max(self.max_sum_kib, total)
+        self.max_sum_pss_kib = max(self.max_sum_pss_kib, total_pss)
 
 
 # --------------------------------------------------------------------------- the state DB
@@ -470,7 +496,9 @@ def bench_backend(lab: Path, state_url: str, jobs: int, vms: int) -> dict[str, A
         "daemon_rss_kib": {"at_rest": at_rest, "peak_vmhwm": daemon_hwm},
         "session_processes": {"count": len(memory.peak_kib),
                               "max_peak_kib": max(memory.peak_kib.values(), default=0),
-                              "max_sum_rss_kib": memory.max_sum_kib},
+                              "max_sum_rss_kib": memory.max_sum_kib,
+                              "max_sum_pss_kib": memory.max_sum_pss_kib},
+        "fork_server_peak_vmhwm_kib": memory.fork_server_peak_kib,
         "immediate_stop": stops,
         "overhead_alone": alone,
         "daemon_exit_code": exit_code,
@@ -532,10 +560,14 @@ def report(results: dict[str, Any]) -> str:
          "figure"),
         ("daemon peak RSS (VmHWM) after the load", lambda r: mib(r["daemon_rss_kib"]["peak_vmhwm"]),
          " MiB", "figure"),
+        ("fork server peak RSS (VmHWM)", lambda r: mib(r.get("fork_server_peak_vmhwm_kib", 0)), " MiB",
+         "figure"),
         ("session process peak RSS, largest one",
          lambda r: mib(r["session_processes"]["max_peak_kib"]), " MiB", "figure"),
         ("session processes, largest sum of RSS at once",
          lambda r: mib(r["session_processes"]["max_sum_rss_kib"]), " MiB", "figure"),
+        ("  the same in PSS (shared pages shared out)",
+         lambda r: mib(r["session_processes"].get("max_sum_pss_kib", 0)), " MiB", ""),
         ("load: the minute to the last session's end (s)",
          lambda r: r["load"]["minute_to_last_end_seconds"], "", "figure"),
         ("load sessions by result", lambda r: ", ".join(f"{n} {k}" for k, n in
