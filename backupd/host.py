@@ -158,17 +158,16 @@ def is_session_process(pid: int) -> bool:
     return any(argv[i:i + 2] == [b"-m", b"backupd.host"] for i in range(len(argv) - 1))
 
 
-def run_session_process(config_path: Path, config_source: bytes | None, session_id: int) -> int:
-    """The body of a session process: load the config, host the session, close.
+def run_session_process(session_id: int, config: "Callable[[], Config]") -> int:
+    """The body of a session process: get the config, host the session, close.
 
-    :param config_path: the config file (its folder resolves relative paths).
-    :param config_source: the config's bytes as the starter read them, or None to read the file.
+    :param config: gives the validated config (:func:`backupd.config.load_config`, or the
+        fork server's copy); may raise :class:`~backupd.errors.BackupdError`.
     :returns: the exit code: the session's (0 success, 1 warning, 2 failed), or a
         :class:`~backupd.errors.BackupdError`'s (the config, the state DB, no such session),
         its message on stderr.
     """
     from backupd.cli import MAX_SESSION_ID, configure_logging
-    from backupd.config import load_config
     from backupd.errors import BackupdError, NotFoundError
     from backupd.service import Backupd
 
@@ -177,7 +176,7 @@ def run_session_process(config_path: Path, config_source: bytes | None, session_
     try:
         if not 1 <= session_id <= MAX_SESSION_ID:
             raise NotFoundError(f"no session {session_id}")
-        service = Backupd(load_config(config_path, data=config_source))
+        service = Backupd(config())
         try:
             freeze_start_up_objects()
             return host_session(service, session_id).exit_code
@@ -196,8 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the config file's bytes come on stdin (its path still resolves relative paths)")
     parser.add_argument("session_id", type=int)
     args = parser.parse_args(argv)
+    from backupd.config import load_config
+
     data = sys.stdin.buffer.read() if args.config_on_stdin else None
-    return run_session_process(args.config, data, args.session_id)
+    return run_session_process(args.session_id, lambda: load_config(args.config, data=data))
 
 
 if __name__ == "__main__":

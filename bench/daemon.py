@@ -17,6 +17,14 @@ per-VM overhead
     of :data:`ALONE_RUNS` sessions of a job ``alone`` of as many VMs, run in the foreground
     (``job start --wait``) before the daemon starts: the same work without contention.
     Target: at most 10 ms per VM.
+CPU per VM under the load
+    The wall time above includes waiting for the CPU that other sessions hold (8 sessions of
+    4 VM threads on this machine's cores); these do not. The session processes' CPU time (user
+    + system) per VM: the ``cutime`` + ``cstime`` (``/proc/PID/stat``) of the processes that
+    reaped them, the daemon and its fork server, read when the load has ended. And the whole
+    machine's CPU time per VM over the load, from the minute to the last session's end
+    (``/proc/stat``, all but idle, iowait and steal): the daemon, the session processes, the
+    state DB's server, and whatever else ran.
 memory
     The daemon's ``VmRSS`` (``/proc/PID/status``) at rest, before the minute, and its
     ``VmHWM`` (peak) after the load; its fork server's ``VmHWM``; its session processes (the
@@ -173,6 +181,24 @@ def memory_kib(pid: int) -> dict[str, int]:
         return {}
     return {key: int(value.split()[0]) for key, value in
             (line.split(":", 1) for line in text.splitlines()) if key in ("VmRSS", "VmHWM")}
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has spent since boot, seconds (``/proc/stat``: user, nice,
+    system, irq, softirq; not idle, iowait or steal)."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def reaped_cpu_seconds(pid: int) -> float:
+    """``cutime`` + ``cstime`` of a process (``/proc/PID/stat``): the CPU time, user + system,
+    of the children it has reaped, seconds; 0 when it has gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rfind(")") + 2:].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def pss_kib(pid: int) -> int:
@@ -479,7 +505,13 @@ def bench_backend(lab: Path, state_url: str, jobs: int, vms: int) -> dict[str, A
         at_rest = {"rss_kib": memory_kib(daemon.proc.pid)["VmRSS"], "load_average": os.getloadavg()[0]}
         progress(f"daemon at rest: {at_rest['rss_kib'] / 1024:.1f} MiB; {jobs} x {vms} VMs due "
                  f"at {minute:%H:%M:%S} UTC")
+        machine_before = machine_cpu_seconds()
         wait_for_load(StateDb(state_url), daemon, memory, jobs, minute)
+        machine_during = machine_cpu_seconds() - machine_before
+        reapers = [daemon.proc.pid, *(pid for pid, name in descendants(daemon.proc.pid).items()
+                                     if name != "backupd-session")]
+        cpu = {"session_processes_seconds": sum(map(reaped_cpu_seconds, reapers)),
+               "machine_seconds": machine_during}
         load_average_at_end = os.getloadavg()[0]
         daemon_hwm = memory_kib(daemon.proc.pid)["VmHWM"]
         sessions = StateDb(state_url).load_sessions()
@@ -492,7 +524,9 @@ def bench_backend(lab: Path, state_url: str, jobs: int, vms: int) -> dict[str, A
         "state_url": state_url,
         "minute": minute.isoformat(),
         "load": {**load_figures(sessions, scheduled_times(daemon.log()), minute),
-                 "load_average_at_end": load_average_at_end},
+                 "load_average_at_end": load_average_at_end,
+                 "cpu_ms_per_vm": {name.removesuffix("_seconds"): 1000 * value / (jobs * vms)
+                                   for name, value in cpu.items()}},
         "daemon_rss_kib": {"at_rest": at_rest, "peak_vmhwm": daemon_hwm},
         "session_processes": {"count": len(memory.peak_kib),
                               "max_peak_kib": max(memory.peak_kib.values(), default=0),
@@ -554,6 +588,10 @@ def report(results: dict[str, Any]) -> str:
         ("per-VM overhead under the load, median (ms)",
          lambda r: r["load"]["overhead_ms_per_vm"]["median"], "", "<= 10 ms"),
         ("  p95 (ms)", lambda r: r["load"]["overhead_ms_per_vm"]["p95"], "", "<= 10 ms"),
+        ("CPU per VM under the load: session processes (ms)",
+         lambda r: r["load"]["cpu_ms_per_vm"]["session_processes"], "", "figure"),
+        ("  the whole machine, minute to last end (ms)",
+         lambda r: r["load"]["cpu_ms_per_vm"]["machine"], "", ""),
         (f"per-VM overhead, one session alone, median of {ALONE_RUNS} (ms)",
          lambda r: statistics.median(r["overhead_alone"]["ms_per_vm"]), "", "<= 10 ms"),
         ("daemon RSS at rest", lambda r: mib(r["daemon_rss_kib"]["at_rest"]["rss_kib"]), " MiB",

@@ -87,6 +87,23 @@ def test_a_session_killed_by_a_signal_reports_it_and_a_log_that_cannot_be_opened
         server.close()
 
 
+def test_a_config_that_does_not_validate_fails_the_process_as_its_own_load_would(lab: Lab, service: Backupd) -> None:
+    """The fork server validates the config once for all its children; an invalid one is
+    each child's error: the config exit code (78), the message in its log."""
+    session = service.create_session("nightly").id
+    broken = service.config.model_copy(update={"source": b"[jobs.nightly]\nvms = 3\n"})
+    server = ForkServer([sys.executable, "-m", "backupd.forkserver"])
+    try:
+        process = server.spawn(broken, session, lab.site / "logs" / f"session-{session}.log")
+        assert _exit_code(process) == 78
+        good = server.spawn(service.config, session, lab.site / "logs" / f"session-{session}.log")
+        assert _exit_code(good) == 0, "the next config is validated anew"
+    finally:
+        server.close()
+    assert "backupd.toml:2: jobs.nightly.vms" in (lab.site / "logs" / f"session-{session}.log").read_text()
+    assert lab.session(session)["result"] == "success"
+
+
 def test_a_process_whose_fork_server_died_runs_on_and_its_exit_code_is_lost(lab: Lab, service: Backupd) -> None:
     session = service.create_session("nightly").id
     server = ForkServer([sys.executable, "-m", "backupd.forkserver"])
