@@ -131,12 +131,13 @@ class ForkServer:
         return ForkedProcess(self, int(answer["pid"]))
 
     def exit_code(self, pid: int) -> int | None:
-        """The exit code of child ``pid`` once the fork server reported it, else None.
+        """The exit code of child ``pid`` once the fork server reported it (given once: the
+        pid may be reused), else None.
 
         :raises ProcessLost: the fork server ended and had not reported it.
         """
         gone = self._gone  # read before the exits: the reader records every exit before EOF
-        code = self._exits.get(pid)
+        code = self._exits.pop(pid, None)
         if code is None and gone:
             raise ProcessLost(f"fork server pid {self.process.pid} ended before process {pid}")
         return code
@@ -205,13 +206,16 @@ class ForkedProcess:
     def __init__(self, server: ForkServer, pid: int) -> None:
         self.server = server
         self.pid = pid
+        self.returncode: int | None = None
 
     def poll(self) -> int | None:
         """The exit code once the process has ended, else None.
 
         :raises ProcessLost: its fork server ended first.
         """
-        return self.server.exit_code(self.pid)
+        if self.returncode is None:
+            self.returncode = self.server.exit_code(self.pid)
+        return self.returncode
 
 
 class SessionStarter:
