@@ -184,6 +184,10 @@ class RepositoryConfig(BaseModel):
     block_size: ByteSize = ByteSize(1 << 20)
     #: zstd level, 1 (fast) to 19 (small)
     compression_level: int = Field(default=3, ge=1, le=19, strict=True)
+    #: seconds between two garbage collections at the end of a job session (a collection reads
+    #: every manifest): the blocks of points retention deleted are freed by the first session
+    #: to end this long after the last collection; 0: by every session that deleted points
+    gc_interval_seconds: float = Field(default=86400.0, ge=0)
 
     def open(self, *, create: bool) -> "Repository":
         """Open this repository.

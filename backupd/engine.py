@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from datetime import timedelta
 from concurrent.futures import Future
 from typing import Callable
 
@@ -175,17 +176,30 @@ class SessionRunner:
                     futures.append(future)
                 for future in futures:
                     future.result()
-            if self.stop.mode is None and self.state_lost is None and repository.garbage_pending():
+            if self.stop.mode is None and self.state_lost is None:
                 self._collect_garbage(repository)
         finally:
             provider.close()
 
     def _collect_garbage(self, repository: Repository) -> None:
-        """Free blocks no restore point references: the one collection for the points
-        retention deleted in this session's VM tasks (and any an earlier session deferred).
-        A problem is a warning in the session log, never the session's failure (its restore
-        points are committed). It reads every manifest, so it runs only when garbage may
-        exist, and once per session, not per VM."""
+        """Free blocks no restore point references, when the repository's
+        ``gc_interval_seconds`` has passed since its last collection (:meth:`Repository.last_collection`):
+        once per session, for the points retention deleted in its VM tasks and in the sessions
+        before it. A collection reads every manifest of the repository, so its cost grows with
+        the repository, not with the session. A problem is a warning in the session log,
+        never the session's failure (its restore points are committed)."""
+        if not repository.garbage_pending():
+            return
+        interval = self.config.repositories[self.job.repository].gc_interval_seconds
+        last = repository.last_collection()
+        if last is not None and utcnow() - last < timedelta(seconds=interval):
+            due = last + timedelta(seconds=interval)
+            self.store.log(self.session.id,  # type: ignore[arg-type]
+                           f"garbage collection not due: blocks only deleted restore points used are freed by "
+                           f"the first session to end after {due:%Y-%m-%d %H:%M:%S} UTC (gc_interval_seconds "
+                           f"{interval:g} after the last collection), or now by `backupd repository gc "
+                           f"{self.job.repository}`")
+            return
         try:
             gc = repository.collect_garbage()
         except RepositoryError as exc:

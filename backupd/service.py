@@ -22,7 +22,7 @@ from backupd.state import JobSession, StateStore
 Progress = Callable[[int, int], None]
 
 if TYPE_CHECKING:
-    from backupd.repository import DamagedPoint, PointInfo, Repository, VerifyResult
+    from backupd.repository import DamagedPoint, GcResult, PointInfo, Repository, VerifyResult
     from providers.base import Provider, VmInfo
     from providers.simulated import SimulatedProvider
 
@@ -317,6 +317,24 @@ class Backupd:
         for name, ids in by_repo.items():
             deleted.extend(self.config.repositories[name].open(create=False).delete_points(ids))
         return deleted
+
+    def collect_garbage(self, names: list[str] | None = None) -> list[tuple[str, "GcResult"]]:
+        """Collect garbage now in the named repositories (default: every configured one that
+        exists), whatever their ``gc_interval_seconds``.
+
+        :returns: ``(repository name, what the collection did)`` per repository, in order.
+        :raises NotFoundError: a name is not a repository of the config, or that repository
+            does not exist yet.
+        """
+        if names is None:
+            return [(name, repository.collect_garbage()) for name, repository in self._repositories(None)]
+        results = []
+        for name in names:
+            if name not in self.config.repositories:
+                known = ", ".join(sorted(self.config.repositories)) or "none"
+                raise NotFoundError(f"no repository {name!r} in {self.config.path} (repositories: {known})")
+            results.append((name, self.config.repositories[name].open(create=False).collect_garbage()))
+        return results
 
     def find_point(self, point_id: str) -> tuple[str, "PointInfo"]:
         """:raises NotFoundError: no configured repository holds that restore point."""

@@ -56,8 +56,8 @@ def cli(ctx: click.Context, config_path: Path) -> None:
     ctx.obj = Context(config_path)
 
 
-for _command in (jobs.job, jobs.session, points.restore_point, points.restore, hypervisor.vm, hypervisor.sim,
-                 hypervisor.snapshot, services.daemon, services.proxy):
+for _command in (jobs.job, jobs.session, points.restore_point, points.restore, points.repository, hypervisor.vm,
+                 hypervisor.sim, hypervisor.snapshot, services.daemon, services.proxy):
     cli.add_command(_command)
 
 

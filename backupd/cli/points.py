@@ -1,10 +1,11 @@
-"""``backupd restore-point`` (list, show, verify, delete) and ``backupd restore`` (disk images
-into a folder, or a whole VM onto a provider)."""
+"""``backupd restore-point`` (list, show, verify, delete), ``backupd restore`` (disk images
+into a folder, or a whole VM onto a provider) and ``backupd repository gc``."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -53,6 +54,41 @@ def restore_point_delete(ctx: Context, point_ids: tuple[str, ...], as_json: bool
     else:
         for point_id in deleted:
             click.echo(f"deleted restore point {point_id}")
+
+
+@click.group("repository")
+def repository() -> None:
+    """Repositories: garbage collection."""
+
+
+@repository.command("gc")
+@click.argument("names", metavar="[NAME ...]", nargs=-1, type=TEXT)
+@json_option
+@pass_ctx
+def repository_gc(ctx: Context, names: tuple[str, ...], as_json: bool) -> None:
+    """Free now the blocks no restore point references, in the named repositories (default:
+    all), instead of at the end of the first job session after ``gc_interval_seconds``.
+    Exit 1 when a collection could not run: writers were busy (try again later), or a
+    damaged restore point keeps every block (delete it first)."""
+    results = ctx.service.collect_garbage(list(names) or None)
+    rows = [{"repository": name, "removed_blocks": gc.removed_blocks, "freed_bytes": gc.freed_bytes,
+             "deferred": gc.deferred, "damaged_points": list(gc.damaged_points)} for name, gc in results]
+    if as_json:
+        print_json(rows)
+    else:
+        for row in rows:
+            click.echo(_gc_line(row))
+    if any(row["deferred"] or row["damaged_points"] for row in rows):
+        sys.exit(1)
+
+
+def _gc_line(row: dict[str, Any]) -> str:
+    if row["deferred"]:
+        return f"{row['repository']}: not collected: writers, a restore or a verify are busy; try again later"
+    if row["damaged_points"]:
+        return (f"{row['repository']}: nothing freed: damaged restore point(s) {' '.join(row['damaged_points'])} "
+                "may reference any block; delete them first")
+    return f"{row['repository']}: {row['removed_blocks']} block(s) freed, {row['freed_bytes']} bytes"
 
 
 @restore_point.command("verify")

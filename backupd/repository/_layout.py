@@ -6,6 +6,8 @@
       repository.json              format version, block size, hash, compression
       lock                         flock target: writers shared, garbage collection exclusive
       gc-pending                   present while unreferenced blocks may exist
+      gc-last                      its modification time: when the last garbage collection
+                                   completed (absent before the first)
       blocks/<aa>/<digest>         one zstd-compressed block, named by its BLAKE3 digest (hex)
       points/<vm-key>/<id>.manifest  one restore point: JSON header line + binary block maps;
                                    ``<vm-key>`` from the VM's id (format 2), or from its
@@ -202,6 +204,7 @@ class Layout:
         self.config_file = root / "repository.json"
         self.lock_file = root / "lock"
         self.gc_pending_file = root / "gc-pending"
+        self.gc_last_file = root / "gc-last"
         self.blocks = root / "blocks"
         self.points = root / "points"
         self.staging = root / "staging"

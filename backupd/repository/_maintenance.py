@@ -96,6 +96,15 @@ def gc_pending(layout: Layout) -> bool:
     return layout.gc_pending_file.exists()
 
 
+def last_collection(layout: Layout) -> float | None:
+    """When the last garbage collection completed, seconds since the epoch (``gc-last``'s
+    modification time), or None before the first."""
+    try:
+        return layout.gc_last_file.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def _mark_gc_pending(layout: Layout) -> None:
     try:
         os.close(os.open(layout.gc_pending_file, os.O_WRONLY | os.O_CREAT, FILE_MODE))
@@ -153,6 +162,7 @@ def collect_garbage(layout: Layout, store: BlockStore, block_size: int) -> GcRes
             if store.contains(digest) or digest not in referenced:
                 os.unlink(path)
                 healed += store.contains(digest)
+        layout.gc_last_file.touch(mode=FILE_MODE)  # its mtime says when (last_collection)
     except OSError as exc:
         raise RepositoryError(f"{layout.root}: garbage collection failed: {exc}") from exc
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 from backupd.errors import NotFoundError, RepositoryCorruptError
@@ -225,9 +226,10 @@ class Repository:
 
         Points of other jobs and other VMs are untouched. Only manifests are deleted: the
         blocks they alone referenced become garbage, marked pending (:meth:`garbage_pending`)
-        and freed by the next :meth:`collect_garbage`. A job session collects once, at its
-        end, for all its VMs: a collection reads every manifest of the repository, so one per
-        VM would make a session's cost grow with VMs x restore points.
+        and freed by the next :meth:`collect_garbage`. A job session collects at most once, at
+        its end, for all its VMs, when the repository's ``gc_interval_seconds`` has passed
+        (:meth:`last_collection`): a collection reads every manifest of the repository, so one
+        per VM would make a session's cost grow with VMs x restore points.
 
         :param keep: restore points to keep, >= 1 (deleting the last point of a VM is never
             what retention means).
@@ -246,6 +248,15 @@ class Repository:
         """Whether restore points were deleted (or a collection deferred) since the last
         completed garbage collection: only then can unreferenced blocks exist."""
         return _maintenance.gc_pending(self._layout)
+
+    def last_collection(self) -> datetime | None:
+        """When the last garbage collection completed (UTC), or None before the first. A job
+        session collects only when :data:`gc_interval_seconds` has passed since then: a
+        collection reads every manifest of the repository, which is not something every
+        session should pay for (restic's ``prune`` and kopia's full maintenance run apart from
+        backups for the same reason)."""
+        last = _maintenance.last_collection(self._layout)
+        return None if last is None else datetime.fromtimestamp(last, timezone.utc)
 
     def collect_garbage(self) -> GcResult:
         """Delete blocks no restore point references, unless writers are busy.

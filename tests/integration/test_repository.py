@@ -9,6 +9,8 @@ holds which block is told apart by when it appeared, never by the repository's n
 
 from __future__ import annotations
 
+import os
+
 from labkit import EXIT_FAILED, EXIT_NOT_FOUND, MiB, Lab, payload
 
 BLOCK = MiB  # the repository's default block size
@@ -63,6 +65,47 @@ def test_retention_keeps_the_newest_points_and_collects_blocks_only_the_deleted_
         assert lab.restore(name)[1] == bytes(lab.disks[name])
         assert lab.restore(name, point=run2[name])[1] == disks_at_run2[name]
     assert lab.run("restore", "vm-a", "--point", run1["vm-a"], "--to", lab.scratch / "gone").returncode == EXIT_NOT_FOUND
+
+
+def test_a_session_collects_garbage_only_when_gc_interval_seconds_have_passed(lab: Lab) -> None:
+    """Given retention = 1 and the default gc_interval_seconds (a day): the first collection
+    ever runs at the end of the session whose retention made garbage; a session within a day
+    of it leaves its garbage and says when it will be freed; ``repository gc`` frees it now;
+    and the first session to end a day after the last collection collects again."""
+    lab.configure(vms={"web": "2 MiB"}, jobs={"nightly": {"vms": ["web"], "retention": 1}})
+
+    def run(seed: int) -> dict:
+        lab.write_disk("web", payload(BLOCK, seed) + payload(BLOCK, seed + 1), offset=0)
+        return lab.start_wait("nightly")
+
+    run(1)
+    first_blocks = lab.block_files()
+    run(3)  # retention deletes the first point; no collection yet: this one is due
+    assert not first_blocks & lab.block_files(), "the first collection freed the first point's blocks"
+
+    second_blocks = lab.block_files()
+    third = run(5)  # within a day of that collection
+    assert second_blocks <= lab.block_files(), "not due: the deleted point's blocks stay"
+    log = [line["text"] for line in lab.session(third["id"])["log"]]
+    assert any(text.startswith("garbage collection not due:") and "backupd repository gc local" in text
+               for text in log), log
+
+    collected = lab.run_json("repository", "gc")
+    assert collected == [{"repository": "local", "removed_blocks": 2, "freed_bytes": collected[0]["freed_bytes"],
+                          "deferred": False, "damaged_points": []}]
+    assert collected[0]["freed_bytes"] > 0
+    assert not second_blocks & lab.block_files(), "repository gc freed them now"
+
+    third_blocks = lab.block_files()
+    run(7)
+    assert third_blocks <= lab.block_files(), "not due again: that collection was just now"
+    day_ago = (lab.repo / "gc-last").stat().st_mtime - 86400
+    os.utime(lab.repo / "gc-last", (day_ago, day_ago))
+    run(9)
+    assert not third_blocks & lab.block_files(), "a day after the last collection, the session collects"
+    assert lab.run_json("restore-point", "verify", "--all")["ok"] is True
+
+    assert lab.run("repository", "gc", "nowhere").returncode == EXIT_NOT_FOUND
 
 
 def test_verify_reports_exactly_the_points_that_reference_a_corrupted_block(lab: Lab) -> None:
