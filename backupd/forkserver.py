@@ -298,6 +298,7 @@ def _warm_up(config_path: Path | None) -> None:
     if config_path is None:
         return
     from sqlalchemy import create_engine
+    from sqlalchemy.orm import configure_mappers
 
     from backupd.config import load_config
     from backupd.errors import BackupdError
@@ -310,6 +311,7 @@ def _warm_up(config_path: Path | None) -> None:
     for section in config.providers.values():
         provider_type(section)
     create_engine(config.state.connect_url()).dispose()  # imports the dialect and its driver; connects nothing
+    configure_mappers()  # SQLAlchemy's ORM set-up, else done lazily at the first query of every child
 
 
 def serve(config_path: Path | None) -> int:
