@@ -120,6 +120,9 @@ def test_a_file_that_is_not_a_manifest_affects_only_its_own_restore_point(lab: L
     for job in ("web-job", "db-job"):
         warning = f"garbage collection deleted nothing: restore point(s) {bad_id}"
         assert warning in _log(lab.session(lab.sessions(job)[0]["id"])), job
+    by_hand = lab.run("repository", "gc")
+    assert by_hand.returncode == 1 and f"damaged restore point(s) {bad_id}" in by_hand.stdout, by_hand.stdout
+    assert blocks_before <= lab.block_files(), "collected by hand: still nothing deleted"
 
     assert lab.run_json("restore-point", "delete", bad_id) == {"deleted": [bad_id]}
     assert bad_id not in {row["id"] for row in lab.points()}
