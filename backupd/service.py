@@ -323,8 +323,9 @@ class Backupd:
         exists), whatever their ``gc_interval_seconds``.
 
         :returns: ``(repository name, what the collection did)`` per repository, in order.
-        :raises NotFoundError: a name is not a repository of the config, or that repository
-            does not exist yet.
+        :raises NotFoundError: a name is not a repository of the config.
+        :raises RepositoryError: a named repository does not exist yet, or cannot be read or
+            changed.
         """
         if names is None:
             return [(name, repository.collect_garbage()) for name, repository in self._repositories(None)]
