@@ -250,11 +250,14 @@ class SessionStarter:
             self._start_server()
         if self.server is not None:
             try:
-                return self.server.spawn(config, session_id, log_path)
+                process = self.server.spawn(config, session_id, log_path)
             except ForkServerError as exc:
                 log.error("session %s: %s; it starts with a process of its own", session_id, exc)
                 self._failed()
                 self._start_server()
+            else:
+                self.failures = 0  # "in a row": a fork server that served is no failure streak
+                return process
         return spawn_session_process(config, session_id, log_path)
 
     def close(self) -> None:
@@ -396,13 +399,13 @@ def _reply(message: dict[str, Any]) -> None:
 
 
 def _fork(request: dict[str, Any], configs: _Configs, inherited: tuple[int, ...]) -> None:
+    from backupd.host import open_session_log
+
     session_id = int(request["session"])
     config = configs.get(request)
     log_path = Path(request["log"])
     try:
-        log_path.parent.mkdir(mode=0o700, exist_ok=True)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.chmod(log_path, 0o600)
+        log_fd = open_session_log(log_path)
     except OSError as exc:
         _reply({"session": session_id, "error": f"{log_path}: {exc.strerror or exc}"})
         return

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import signal
 import subprocess
 import sys
@@ -98,6 +99,23 @@ def _request_stop(service: "Backupd", session_id: int, mode: StopMode) -> None:
         print(f"\nsession {session_id} is finishing; nothing is left to stop", file=sys.stderr)
 
 
+def open_session_log(log_path: Path) -> int:
+    """Open a session process's log file for appending, its folder made if missing (0700),
+    the file 0600 (it may name VMs and paths).
+
+    :returns: the file descriptor (the caller closes it).
+    :raises OSError: the folder or the file could not be created.
+    """
+    log_path.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.chmod(log_path, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def spawn_session_process(config: "Config", session_id: int, log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``python -m backupd.host`` for a created session, in a new process session (so a
     Ctrl-C in the caller's terminal does not reach it), output appended to ``log_path``. The
@@ -106,9 +124,8 @@ def spawn_session_process(config: "Config", session_id: int, log_path: Path) -> 
 
     :raises OSError: the process or its log file could not be created.
     """
-    log_path.parent.mkdir(mode=0o700, exist_ok=True)
-    with open(log_path, "ab", buffering=0) as out:
-        log_path.chmod(0o600)
+    out = open_session_log(log_path)
+    try:
         child = subprocess.Popen(
             [sys.executable, "-m", "backupd.host", "--config", str(config.path), "--config-on-stdin", str(session_id)],
             stdin=subprocess.PIPE,
@@ -117,6 +134,8 @@ def spawn_session_process(config: "Config", session_id: int, log_path: Path) -> 
             start_new_session=True,
             close_fds=True,
         )
+    finally:
+        os.close(out)
     assert child.stdin is not None
     try:
         child.stdin.write(config.source)

@@ -190,14 +190,24 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def reaped_cpu_seconds(pid: int) -> float:
-    """``cutime`` + ``cstime`` of a process (``/proc/PID/stat``): the CPU time, user + system,
-    of the children it has reaped, seconds; 0 when it has gone."""
+def proc_stat(pid: int) -> tuple[str, list[str]] | None:
+    """A process's name and the fields after it in ``/proc/PID/stat`` (``fields[0]`` its
+    state, ``[1]`` its parent's pid, ...); None when it has gone. The name may hold spaces
+    and parentheses: the fields follow the last ``)``."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
+        return None
+    return text[text.find("(") + 1:text.rfind(")")], text[text.rfind(")") + 2:].split()
+
+
+def reaped_cpu_seconds(pid: int) -> float:
+    """``cutime`` + ``cstime`` of a process (``/proc/PID/stat``): the CPU time, user + system,
+    of the children it has reaped, seconds; 0 when it has gone."""
+    stat = proc_stat(pid)
+    if stat is None:
         return 0.0
-    fields = text[text.rfind(")") + 2:].split()
+    fields = stat[1]
     return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -215,13 +225,10 @@ def descendants(pid: int) -> dict[int, str]:
     """The processes below ``pid`` (children, theirs, ...), each with its name (``comm``),
     from ``/proc/*/stat``."""
     parents: dict[int, tuple[int, str]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name = text[text.find("(") + 1:text.rfind(")")]
-        parents[int(stat.parent.name)] = (int(text[text.rfind(")") + 2:].split()[1]), name)
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = proc_stat(int(entry.name))
+        if stat is not None:
+            parents[int(entry.name)] = (int(stat[1][1]), stat[0])
     found: dict[int, str] = {}
     frontier = {pid}
     while frontier:

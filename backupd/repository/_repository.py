@@ -251,10 +251,10 @@ class Repository:
 
     def last_collection(self) -> datetime | None:
         """When the last garbage collection completed (UTC), or None before the first. A job
-        session collects only when :data:`gc_interval_seconds` has passed since then: a
-        collection reads every manifest of the repository, which is not something every
-        session should pay for (restic's ``prune`` and kopia's full maintenance run apart from
-        backups for the same reason)."""
+        session collects only when the repository's ``gc_interval_seconds`` has passed since
+        then: a collection reads every manifest of the repository, which is not something
+        every session should pay for (restic's ``prune`` and kopia's full maintenance run
+        apart from backups for the same reason)."""
         last = _maintenance.last_collection(self._layout)
         return None if last is None else datetime.fromtimestamp(last, timezone.utc)
 

@@ -207,6 +207,11 @@ class Lab:
 
     # ---- sessions -------------------------------------------------------------------------
 
+    def may_leave_sessions(self) -> None:
+        """For a test that starts sessions other than through the CLI (in-process, or through
+        a fork server): sessions a failed test leaves running are stopped at teardown."""
+        self._may_leave_sessions = True
+
     def start(self, job: str, *extra: str) -> Any:
         """``job start JOB`` without ``--wait`` (detached runner); returns the session id."""
         self._may_leave_sessions = True

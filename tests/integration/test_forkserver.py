@@ -41,7 +41,7 @@ def _exit_code(process: ForkedProcess) -> int:
 def service(lab: Lab):  # noqa: ANN201
     lab.configure(vms={"web": "4 MiB"}, jobs={"nightly": {"vms": ["web"]}})
     lab.fill("web")
-    lab._may_leave_sessions = True
+    lab.may_leave_sessions()
     backupd = Backupd(load_config(lab.config))
     yield backupd
     backupd.close()
@@ -134,6 +134,21 @@ def test_without_a_fork_server_sessions_start_with_a_process_of_their_own(
         starter.close()
     assert starter.server is None and starter.failures == MAX_FAILURES, "no fork server is tried after that"
     assert f"{MAX_FAILURES} fork servers in a row failed" in caplog.text
+
+
+def test_fork_server_failures_count_in_a_row_only(lab: Lab, service: Backupd) -> None:
+    """Failures of fork servers weeks apart never add up to giving the fork server up: a
+    session a fork server started clears the count."""
+    starter = SessionStarter(lab.config)
+    try:
+        starter.failures = MAX_FAILURES - 1
+        session = service.create_session("nightly").id
+        process = starter.spawn(service.config, session, lab.site / "logs" / f"session-{session}.log")
+        assert isinstance(process, ForkedProcess)
+        assert _exit_code(process) == 0
+        assert starter.failures == 0
+    finally:
+        starter.close()
 
 
 def test_the_daemon_starts_a_new_fork_server_when_its_fork_server_died(lab: Lab, daemons) -> None:  # noqa: ANN001
