@@ -17,10 +17,11 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from providers.base import ProviderError, VmExists, VmNotFound
@@ -29,6 +30,8 @@ _FORMAT = 1
 _COUNTER = struct.Struct("<Q")
 _SNAPSHOT_ID_PREFIX = "snapshot-"
 _CREATING_SUFFIX = ".creating"
+#: bytes per read of a state file (most are under 1 KB; the VM index grows with the VMs)
+_READ_CHUNK = 1 << 16
 
 
 def creating_vm_id(folder_name: str) -> str:
@@ -93,11 +96,17 @@ def read_json(path: Path) -> Any | None:
     :raises ProviderError: the file is not valid JSON (damaged state).
     """
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    try:  # not Path.read_bytes: its buffered file adds an fstat, an ioctl and lseeks per read
+        chunks = []
+        while chunk := os.read(fd, _READ_CHUNK):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
     try:
-        return json.loads(raw)
+        return json.loads(b"".join(chunks))
     except ValueError as exc:
         raise ProviderError(f"simulated hypervisor state file {path} is damaged: {exc}") from exc
 
@@ -236,17 +245,34 @@ class Layout:
         self._index = state_dir / "provider.json"
         self._lock = state_dir / "provider.lock"
         self._snapshot_counter = state_dir / "snapshot-counter.lock"
+        self._index_cache: tuple[tuple[int, int, int], Mapping[str, str]] | None = None
         make_dir(state_dir)
         make_dir(state_dir / "vms")
 
     def vm_id(self, vm_name: str) -> str | None:
         """The folder (``vm-<n>``) of the VM called ``vm_name`` now, or None when the index
         has no such name."""
-        return (read_json(self._index) or {}).get("vms", {}).get(vm_name)
+        return self._index_vms().get(vm_name)
 
     def vm_names(self) -> dict[str, str]:
         """Every VM name of the index with its folder: ``{name: "vm-<n>"}``."""
-        return dict((read_json(self._index) or {}).get("vms", {}))
+        return dict(self._index_vms())
+
+    def _index_vms(self) -> Mapping[str, str]:
+        """The index's ``vms`` (read-only), parsed again only when ``provider.json`` is another
+        file or changed (inode, size, modification time: :func:`write_json` replaces it, so
+        every write is a new inode). The index names every VM the provider ever made (a
+        thousand VMs make 30 KB of JSON), and a VM task looks a VM up more than once."""
+        try:
+            stat = os.stat(self._index)
+        except FileNotFoundError:
+            return {}
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._index_cache
+        if cached is None or cached[0] != key:
+            vms = MappingProxyType(dict((read_json(self._index) or {}).get("vms", {})))
+            cached = self._index_cache = (key, vms)
+        return cached[1]
 
     def vm_paths(self, vm_name: str) -> VmPaths:
         """The folder of VM ``vm_name``, allocating its id and creating the folder on first use.
