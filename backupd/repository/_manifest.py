@@ -43,6 +43,8 @@ MANIFEST_FORMAT = "backupd-point"
 MANIFEST_VERSION = 2
 #: the header line is a few hundred bytes per disk; anything longer is not a manifest
 _MAX_HEADER = 1 << 20
+#: bytes of a manifest read first for its header line (a header is about 1 KB)
+_HEADER_READ = 8192
 
 
 @dataclass(frozen=True)
@@ -214,10 +216,9 @@ def read_header(path: Path) -> PointInfo:
 @functools.lru_cache(maxsize=4096)
 def _read_header(path: str, _inode: int, _size: int, _mtime_ns: int) -> PointInfo:
     """:func:`read_header` for one version of the file (the key); failures are not kept."""
-    with _open(Path(path)) as file:
-        line = file.readline(_MAX_HEADER)
-        header, info = _parse_header(Path(path), line)
-        _check_map_size(Path(path), header, os.fstat(file.fileno()).st_size - len(line))
+    line, size = _header_line(path)
+    header, info = _parse_header(path, line)
+    _check_map_size(path, header, size - len(line))
     return info
 
 
@@ -225,13 +226,45 @@ def peek_header(path: Path) -> PointInfo | None:
     """The header of a manifest if its first line parses, whatever the rest holds (for
     describing a damaged point); None otherwise."""
     try:
-        with _open(path) as file:
-            return _parse_header(path, file.readline(_MAX_HEADER))[1]
+        return _parse_header(path, _header_line(str(path))[0])[1]
     except (NotFoundError, RepositoryError):
         return None
 
 
-def _check_map_size(path: Path, header: dict, map_bytes: int) -> None:
+def _header_line(path: str) -> tuple[bytes, int]:
+    """A manifest's first line (with its newline; at most :data:`_MAX_HEADER` bytes, cut
+    there when longer) and the file's size, read with one ``open``, ``fstat``, ``pread``
+    and ``close`` (a buffered file object adds an ``ioctl``, ``lseek`` and a second
+    ``fstat``: listing restore points reads one header per point).
+
+    :raises NotFoundError: the manifest does not exist (any more).
+    :raises RepositoryError: the file cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(f"restore point manifest {path} does not exist") from None
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        data = b""
+        while len(data) < _MAX_HEADER:
+            chunk = os.pread(fd, min(max(_HEADER_READ, len(data)), _MAX_HEADER - len(data)), len(data))
+            end = chunk.find(b"\n")
+            if end >= 0:
+                return data + chunk[: end + 1], size
+            data += chunk
+            if not chunk:
+                break
+        return data, size
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _check_map_size(path: str | Path, header: dict, map_bytes: int) -> None:
     expected = sum(disk["blocks"] for disk in header["disks"]) * DIGEST_SIZE
     if map_bytes != expected:
         raise RepositoryCorruptError(
@@ -278,7 +311,7 @@ def _open(path: Path):  # noqa: ANN202 (a binary file object)
         raise RepositoryError(f"{path}: cannot read manifest: {exc.strerror or exc}") from exc
 
 
-def _parse_header(path: Path, line: bytes) -> tuple[dict, PointInfo]:
+def _parse_header(path: str | Path, line: bytes) -> tuple[dict, PointInfo]:
     try:
         if not line.endswith(b"\n"):
             raise ValueError("no header line")
