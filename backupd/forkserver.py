@@ -10,9 +10,13 @@ it, and for each session forks a child that hosts the session — what a prefork
 matters (:mod:`backupd.host`): a process session of its own (no terminal signal reaches it),
 stdin from ``/dev/null``, output appended to ``logs/session-ID.log``, the config as the daemon
 sent it (parsed and validated in the fork server once per config the daemon sends, not in
-every child: 0.1 s of CPU for a config of 100 jobs), its name ``backupd-session`` (how a restarted daemon finds it to adopt), and its exit
-code the session's. The fork server holds no config, no state DB connection and no thread: a
-child starts from clean state, as it would after exec.
+every child: 0.1 s of CPU for a config of 100 jobs), its name ``backupd-session`` (how a
+restarted daemon finds it to adopt), and its exit code the session's. The state DB's engine
+is the fork server's too: opened once per state DB URL, each read a session makes run once
+(:meth:`~backupd.state.StateStore.warm_up`: SQLAlchemy compiles a statement once per engine),
+its connections closed before any fork; a child starts with an empty connection pool of its
+own. The fork server holds no state DB connection and no thread when it forks: a child starts
+from clean state, as it would after exec.
 
 Protocol, one JSON object per line. The daemon writes requests on the fork server's stdin::
 
@@ -51,6 +55,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 if TYPE_CHECKING:
     from backupd.config import Config
+    from backupd.state import StateStore
 
 log = logging.getLogger("backupd.daemon")
 
@@ -354,13 +359,18 @@ def serve(config_path: Path | None) -> int:
 
 class _Configs:
     """The config of the latest request, parsed and validated once (the daemon sends the same
-    one until a SIGHUP reload changes it), or the error its validation raised."""
+    one until a SIGHUP reload changes it), or the error its validation raised; and its state
+    DB, opened and warmed up once per URL (:meth:`~backupd.state.StateStore.warm_up`) for
+    the children to inherit, or None when that failed (each child then opens its own and
+    reports what fails, as a session process of its own would)."""
 
     def __init__(self) -> None:
         self.key: tuple[str, str] | None = None
         self.value: "Config | Exception | None" = None
+        self.store: "StateStore | None" = None
+        self._store_url: str | None = None
 
-    def get(self, request: dict[str, Any]) -> "Config | Exception":
+    def get(self, request: dict[str, Any]) -> "tuple[Config | Exception, StateStore | None]":
         from backupd.config import load_config
 
         key = (request["config_path"], request["config"])
@@ -371,7 +381,31 @@ class _Configs:
                 self.value = exc
             self.key = key
         assert self.value is not None
-        return self.value
+        if isinstance(self.value, Exception):
+            return self.value, None
+        self._open_store(self.value.state.connect_url())
+        return self.value, self.store
+
+    def _open_store(self, url: str) -> None:
+        from backupd.state import StateStore
+
+        if url == self._store_url:
+            return
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self._store_url = url
+        store = None
+        try:
+            store = StateStore(url)
+            store.warm_up()
+        except Exception as exc:  # noqa: BLE001 - best effort: children open the state DB themselves
+            print(f"backupd fork server: the state DB could not be prepared for the session processes, "
+                  f"each opens it itself: {exc}", file=sys.stderr)
+            if store is not None:
+                store.close()
+            return
+        self.store = store
 
 
 def _drain(fd: int) -> bool:
@@ -402,7 +436,7 @@ def _fork(request: dict[str, Any], configs: _Configs, inherited: tuple[int, ...]
     from backupd.host import open_session_log
 
     session_id = int(request["session"])
-    config = configs.get(request)
+    config, store = configs.get(request)
     log_path = Path(request["log"])
     try:
         log_fd = open_session_log(log_path)
@@ -416,12 +450,13 @@ def _fork(request: dict[str, Any], configs: _Configs, inherited: tuple[int, ...]
         _reply({"session": session_id, "error": f"fork: {exc.strerror or exc}"})
         return
     if pid == 0:
-        _child(session_id, config, log_fd, inherited)
+        _child(session_id, config, store, log_fd, inherited)
     os.close(log_fd)
     _reply({"session": session_id, "pid": pid})
 
 
-def _child(session_id: int, config: "Config | Exception", log_fd: int, inherited: tuple[int, ...]) -> NoReturn:
+def _child(session_id: int, config: "Config | Exception", store: "StateStore | None", log_fd: int,
+           inherited: tuple[int, ...]) -> NoReturn:
     """In the forked child: become a session process, host the session, exit with its code."""
     code = _EXIT_CHILD_BROKE
     try:
@@ -444,7 +479,9 @@ def _child(session_id: int, config: "Config | Exception", log_fd: int, inherited
                 raise config
             return config
 
-        code = run_session_process(session_id, loaded)
+        if store is not None:
+            store.after_fork()
+        code = run_session_process(session_id, loaded, store)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else _EXIT_CHILD_BROKE
     except BaseException:  # the log file says why; the exit code says it broke

@@ -33,6 +33,7 @@ from backupd.enums import SessionResult, StopMode
 if TYPE_CHECKING:
     from backupd.config import Config
     from backupd.service import Backupd
+    from backupd.state import StateStore
 
 #: seconds between two looks at signals and the live view
 TICK_SECONDS = 0.5
@@ -177,11 +178,13 @@ def is_session_process(pid: int) -> bool:
     return any(argv[i:i + 2] == [b"-m", b"backupd.host"] for i in range(len(argv) - 1))
 
 
-def run_session_process(session_id: int, config: "Callable[[], Config]") -> int:
+def run_session_process(session_id: int, config: "Callable[[], Config]", store: "StateStore | None" = None) -> int:
     """The body of a session process: get the config, host the session, close.
 
     :param config: gives the validated config (:func:`backupd.config.load_config`, or the
         fork server's copy); may raise :class:`~backupd.errors.BackupdError`.
+    :param store: its state DB, already opened (the fork server's, see
+        :meth:`~backupd.state.StateStore.after_fork`); by default opened here.
     :returns: the exit code: the session's (0 success, 1 warning, 2 failed), or a
         :class:`~backupd.errors.BackupdError`'s (the config, the state DB, no such session),
         its message on stderr.
@@ -195,7 +198,7 @@ def run_session_process(session_id: int, config: "Callable[[], Config]") -> int:
     try:
         if not 1 <= session_id <= MAX_SESSION_ID:
             raise NotFoundError(f"no session {session_id}")
-        service = Backupd(config())
+        service = Backupd(config(), store=store)
         try:
             freeze_start_up_objects()
             return host_session(service, session_id).exit_code

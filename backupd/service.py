@@ -50,16 +50,20 @@ class Backupd:
     :param config: the validated config.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, store: StateStore | None = None) -> None:
+        """:param store: the state DB of ``config``, already opened (a session process forked
+            by the daemon's fork server gets the fork server's, :meth:`StateStore.warm_up`);
+            by default it is opened on first use."""
         self.config = config
         self._store: StateStore | None = None
+        self._opened = store
 
     @property
     def store(self) -> StateStore:
         """The state DB, opened on first use; sessions whose runner is gone are recovered
         then (:func:`backupd.recovery.recover_dead_sessions`)."""
         if self._store is None:
-            self._store = StateStore(self.config.state.connect_url())
+            self._store = self._opened or StateStore(self.config.state.connect_url())
             if self._store.dead_sessions():
                 from backupd.recovery import recover_dead_sessions
 
