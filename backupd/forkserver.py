@@ -290,7 +290,7 @@ class SessionStarter:
 # -- the fork server -------------------------------------------------------------------------------
 
 
-def _warm_up(config_path: Path | None) -> None:
+def warm_up(config_path: Path | None) -> None:
     """Import what a session process imports, so each child finds it done: the engine and
     everything it pulls in, the providers of the config's jobs and its state DB's driver
     (best effort: a config that no longer loads leaves the child to import them, and to report
@@ -325,7 +325,7 @@ def _warm_up(config_path: Path | None) -> None:
 def serve(config_path: Path | None) -> int:
     """The fork server's loop (see the module docstring): answer requests on stdin until EOF,
     report children's exits as they happen. :returns: 0."""
-    _warm_up(config_path)
+    warm_up(config_path)
     import gc
 
     gc.collect()
