@@ -48,12 +48,12 @@ class Backupd:
     """Operations on one config.
 
     :param config: the validated config.
+    :param store: the state DB of ``config``, already opened (a session process forked by the
+        daemon's fork server gets the fork server's, :meth:`StateStore.warm_up`); by default
+        it is opened on first use.
     """
 
     def __init__(self, config: Config, *, store: StateStore | None = None) -> None:
-        """:param store: the state DB of ``config``, already opened (a session process forked
-            by the daemon's fork server gets the fork server's, :meth:`StateStore.warm_up`);
-            by default it is opened on first use."""
         self.config = config
         self._store: StateStore | None = None
         self._opened = store
