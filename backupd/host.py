@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import setproctitle
+
 from backupd.enums import SessionResult, StopMode
 
 if TYPE_CHECKING:
@@ -146,14 +148,17 @@ def spawn_session_process(config: "Config", session_id: int, log_path: Path) -> 
     return child
 
 
-#: the name every session process gives itself (``/proc/PID/comm``, what ``ps`` and ``top``
-#: show): a fork server's children share its command line, so this is what marks them
+#: the name every session process gives itself (``/proc/PID/comm``, what ``ps -e`` and
+#: ``top`` show): a fork server's children share its command line, so this is what marks them
 SESSION_PROCESS_NAME = "backupd-session"
 
 
-def name_session_process() -> None:
+def name_session_process(session_id: int) -> None:
     """Call first thing in a session process: its name becomes :data:`SESSION_PROCESS_NAME`,
-    written to ``/proc/self/comm`` (Linux, at most 15 bytes; elsewhere nothing happens)."""
+    written to ``/proc/self/comm`` (Linux, at most 15 bytes; elsewhere nothing happens), and
+    its command line (``ps aux``, ``ps -f``) ``backupd-session SESSION_ID``, set with
+    setproctitle: a forked child would otherwise show its fork server's."""
+    setproctitle.setproctitle(f"{SESSION_PROCESS_NAME} {session_id}")
     try:
         Path("/proc/self/comm").write_text(SESSION_PROCESS_NAME)
     except OSError:
@@ -193,7 +198,7 @@ def run_session_process(session_id: int, config: "Callable[[], Config]", store: 
     from backupd.errors import BackupdError, NotFoundError
     from backupd.service import Backupd
 
-    name_session_process()
+    name_session_process(session_id)
     configure_logging()
     try:
         if not 1 <= session_id <= MAX_SESSION_ID:

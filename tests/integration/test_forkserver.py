@@ -55,6 +55,8 @@ def test_a_forked_session_process_hosts_its_session_like_one_of_its_own(lab: Lab
         process = server.spawn(service.config, session, lab.site / "logs" / f"session-{session}.log")
         lab.wait_for_vms_in_flight(session, ["web"])
         assert _proc(process.pid, "comm").strip() == SESSION_PROCESS_NAME
+        assert _proc(process.pid, "cmdline").split("\0")[0] == f"{SESSION_PROCESS_NAME} {session}", \
+            "ps aux shows the session, not the fork server's command line"
         assert is_session_process(process.pid), "a restarted daemon can adopt it"
         assert not is_session_process(server.process.pid), "the fork server is not a session process"
         assert os.getsid(process.pid) == process.pid, "a process session of its own: no terminal signal reaches it"
