@@ -290,7 +290,7 @@ class SessionStarter:
 # -- the fork server -------------------------------------------------------------------------------
 
 
-def warm_up(config_path: Path | None) -> None:
+def import_for_sessions(config_path: Path | None) -> None:
     """Import what a session process imports, so each child finds it done: the engine and
     everything it pulls in, the providers of the config's jobs and its state DB's driver
     (best effort: a config that no longer loads leaves the child to import them, and to report
@@ -325,7 +325,7 @@ def warm_up(config_path: Path | None) -> None:
 def serve(config_path: Path | None) -> int:
     """The fork server's loop (see the module docstring): answer requests on stdin until EOF,
     report children's exits as they happen. :returns: 0."""
-    warm_up(config_path)
+    import_for_sessions(config_path)
     import gc
 
     gc.collect()
@@ -367,7 +367,7 @@ class _Configs:
     def __init__(self) -> None:
         self.key: tuple[str, str] | None = None
         self.value: "Config | Exception | None" = None
-        self.store: "StateStore | None" = None
+        self._store: "StateStore | None" = None
         self._store_url: str | None = None
 
     def get(self, request: dict[str, Any]) -> "tuple[Config | Exception, StateStore | None]":
@@ -384,16 +384,16 @@ class _Configs:
         if isinstance(self.value, Exception):
             return self.value, None
         self._open_store(self.value.state.connect_url())
-        return self.value, self.store
+        return self.value, self._store
 
     def _open_store(self, url: str) -> None:
         from backupd.state import StateStore
 
         if url == self._store_url:
             return
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         self._store_url = url
         store = None
         try:
@@ -405,7 +405,7 @@ class _Configs:
             if store is not None:
                 store.close()
             return
-        self.store = store
+        self._store = store
 
 
 def _drain(fd: int) -> bool:

@@ -72,13 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare_lab(lab, url, jobs=100, vms=10)
 
     from backupd.config import load_config
-    from backupd.forkserver import warm_up
+    from backupd.forkserver import import_for_sessions
     from backupd.host import run_session_process
     from backupd.service import Backupd
     from backupd.state import DaemonRegistry, StateStore
 
     config_path = lab / "backupd.toml"
-    warm_up(config_path)
+    import_for_sessions(config_path)
     config = load_config(config_path)
     jobs = {name: job.model_copy(update={"max_parallel_vms": args.parallel}) for name, job in config.jobs.items()}
     config = config.model_copy(update={"jobs": jobs})
