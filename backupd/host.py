@@ -203,7 +203,9 @@ def run_session_process(session_id: int, config: "Callable[[], Config]", store: 
     try:
         if not 1 <= session_id <= MAX_SESSION_ID:
             raise NotFoundError(f"no session {session_id}")
-        service = Backupd(config(), store=store)
+        # No dead-session pass on opening the state DB: the session's own recovery pass
+        # (without a daemon) or the daemon's covers it (see Backupd's recover_dead).
+        service = Backupd(config(), store=store, recover_dead=False)
         try:
             freeze_start_up_objects()
             return host_session(service, session_id).exit_code

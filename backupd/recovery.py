@@ -1,7 +1,7 @@
 """Recovery after a crash: sessions whose runner is gone, and snapshots no live session owns.
 
 :func:`recover` is the one entry point for a whole pass. Dead sessions alone are also ended
-whenever the state DB is opened (any command), so no listing ever shows a dead session as
+whenever a command opens the state DB, so no listing ever shows a dead session as
 running; that part needs no provider and costs one query when nothing is dead.
 
 The crash row of the stop contract (docs/design.md): on restart, sessions whose runner is gone
@@ -9,8 +9,8 @@ end ``failed``; snapshots recorded but not removed are removed; unfinished repos
 are discarded (the repository does that itself on open); and the snapshot hunter removes
 snapshots with backupd's name prefix that no live session owns.
 
-- :func:`recover_dead_sessions` runs whenever the state DB is opened (any CLI command, a
-  runner) and finds sessions whose runner is gone (:meth:`StateStore.dead_sessions`: a dead or
+- :func:`recover_dead_sessions` runs whenever a CLI command opens the state DB (a session
+  process leaves it to its session's recovery pass, or to the daemon's) and finds sessions whose runner is gone (:meth:`StateStore.dead_sessions`: a dead or
   zombie process on this host, or a heartbeat that stopped). It makes the state DB agree with
   the repository: a VM whose restore point was committed before the crash gets it recorded
   (``warning`` when its snapshot removal did not complete, else ``success``); a VM that never

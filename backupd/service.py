@@ -51,20 +51,27 @@ class Backupd:
     :param store: the state DB of ``config``, already opened (a session process forked by the
         daemon's fork server gets the fork server's, :meth:`StateStore.warm_up`); by default
         it is opened on first use.
+    :param recover_dead: end sessions whose runner is gone when the state DB is first used
+        (:func:`backupd.recovery.recover_dead_sessions`), so no command shows a dead session
+        as running. A session process passes False: the recovery pass its session runs
+        when no daemon does, or the daemon's every minute, covers it, and the query read
+        every unfinished session (a hundred, under a daemon's busy minute) for each session.
     """
 
-    def __init__(self, config: Config, *, store: StateStore | None = None) -> None:
+    def __init__(self, config: Config, *, store: StateStore | None = None, recover_dead: bool = True) -> None:
         self.config = config
         self._store: StateStore | None = None
         self._opened = store
+        self._recover_dead = recover_dead
 
     @property
     def store(self) -> StateStore:
         """The state DB, opened on first use; sessions whose runner is gone are recovered
-        then (:func:`backupd.recovery.recover_dead_sessions`)."""
+        then (:func:`backupd.recovery.recover_dead_sessions`), unless ``recover_dead`` is
+        False."""
         if self._store is None:
             self._store = self._opened or StateStore(self.config.state.connect_url())
-            if self._store.dead_sessions():
+            if self._recover_dead and self._store.dead_sessions():
                 from backupd.recovery import recover_dead_sessions
 
                 recover_dead_sessions(self.config, self._store)

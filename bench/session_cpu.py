@@ -6,7 +6,8 @@ seconds instead of the minutes of ``bench/daemon.py``:
 by up to a third between runs on a shared machine. This measures one session at a time, the
 way to compare two versions of the engine (run both, alternating, several times each). The
 lab is ``bench/daemon.py``'s (100 jobs of 10 VMs of one empty 1 MiB disk each, and the job
-``alone`` of 10 such VMs, in one config), on SQLite. The parent prepares what the daemon's
+``alone`` of 10 such VMs, in one config), on SQLite, or with ``--postgresql`` on a fresh
+database of the local PostgreSQL server (dropped at the end, as the lab is made again). The parent prepares what the daemon's
 fork server prepares (:mod:`backupd.forkserver`: the imports, the config validated once, the
 state DB's engine warmed up, ``gc.freeze``) and registers itself as the running daemon, so a
 session skips the recovery pass as it does under a daemon. Then, per run, it creates a session
@@ -35,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from daemon import load_job, prepare_lab  # bench/daemon.py: the same lab
+from daemon import POSTGRES, create_pg_database, load_job, prepare_lab, psql  # bench/daemon.py: the same lab
 
 if TYPE_CHECKING:
     from backupd.service import Backupd
@@ -63,13 +64,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new", action="store_true", help="make the lab again")
     parser.add_argument("--runs", type=int, default=10, help="sessions to run (default 10)")
     parser.add_argument("--parallel", type=int, default=4, help="max_parallel_vms of the job (default 4)")
+    parser.add_argument("--postgresql", action="store_true",
+                        help="the state DB on the local PostgreSQL server (the lab is made again)")
     parser.add_argument("--first", action="store_true",
                         help="each run a load job's first session instead of a session of alone")
     args = parser.parse_args(argv)
     lab = args.lab.resolve()
-    url = f"sqlite:///{lab / 'state.db'}"
-    if args.new or not (lab / "backupd.toml").exists():
+    if not args.postgresql:
+        url = f"sqlite:///{lab / 'state.db'}"
+        if args.new or not (lab / "backupd.toml").exists():
+            prepare_lab(lab, url, jobs=100, vms=10)
+        return measure(lab, url, args)
+    database = create_pg_database()
+    try:
+        url = f"{POSTGRES}/{database}"
         prepare_lab(lab, url, jobs=100, vms=10)
+        return measure(lab, url, args)
+    finally:
+        psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def measure(lab: Path, url: str, args: argparse.Namespace) -> int:
+    """Run ``args.runs`` sessions in forked processes; print their CPU per VM."""
 
     from backupd.config import load_config
     from backupd.forkserver import import_for_sessions
