@@ -454,14 +454,18 @@ class StateStore:
         self.engine.dispose()
 
     def warm_up(self) -> None:
-        """Run once each read a job session makes (none changes anything), then close every
-        connection. A process forked after this inherits the engine with those statements
-        compiled: SQLAlchemy compiles a statement once per engine and keeps it (SQLAlchemy
-        documentation, "SQL Compilation Caching"). In a new session process each first use
-        cost 1-5 ms of CPU (measured; an ORM select the most). The daemon's fork server
-        calls it (:mod:`backupd.forkserver`); a forked child calls :meth:`after_fork` first.
+        """Run once each read a job session makes, and the writes of the session's own
+        record and the fixed ones of its VM tasks' records on session 0 and VM task 0, which
+        do not exist (nothing changes), then close every connection. A process forked after
+        this inherits the engine with those statements compiled: SQLAlchemy compiles a
+        statement once per engine and keeps it (SQLAlchemy documentation, "SQL Compilation
+        Caching"). In a new session process each first use cost 1-5 ms of CPU (measured; an
+        ORM statement the most). What stays to compile in each session process: a VM task's
+        column updates, one statement per set of columns, and the inserts of a log line and
+        of a VM lock. The daemon's fork server calls it (:mod:`backupd.forkserver`); a forked
+        child calls :meth:`after_fork` first.
 
-        :raises StateError: the state DB cannot be read.
+        :raises StateError: the state DB cannot be used.
         """
         try:
             self.session(0)
@@ -472,6 +476,10 @@ class StateStore:
         self.dead_sessions()
         self.unremoved_snapshots_by_job()
         DaemonRegistry(self).current()
+        self.claim_session(0)
+        self.advance_session(0, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
+        self.end_session(0, SessionResult.SUCCESS, None, unfinished=TaskStatus.NOT_PROCESSED, if_stop_mode=None)
+        self.update_task(0, notes=["warm-up"], unlock=("", 0))
         self.engine.dispose()
 
     def after_fork(self) -> None:

@@ -299,3 +299,40 @@ def _process_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as file:
         stat = file.read()
     return stat[stat.rfind(")") + 2]
+
+
+def _rows(store: StateStore) -> dict[str, list[tuple]]:
+    from sqlalchemy import text
+
+    with store.engine.connect() as connection:
+        return {table: sorted(map(tuple, connection.execute(text(f"select * from {table}"))))
+                for table in ("job_session", "vm_task", "session_log", "vm_lock")}
+
+
+def test_warming_up_changes_nothing_and_compiles_what_a_session_records_of_itself(
+        store: StateStore, caplog: pytest.LogCaptureFixture) -> None:
+    """What the daemon's fork server runs before it forks session processes: every row stays
+    as it was, and a child's session records (claim, start, end) and a VM task's log lines
+    and lock release find their statements compiled (SQLAlchemy logs "[cached since ...]"
+    instead of "[generated in ...]", its documented cache statistics)."""
+    first = store.create_session("nightly", ["web", "db"], full=False).id
+    store.try_lock_vm("lab/web-id", first)
+    store.update_task(store.tasks(first)[0].id, notes=["snapshot 7 created"], stage="transfer")
+    store.end_session(store.create_session("weekly", ["web"], full=False).id, SessionResult.FAILED, "x",
+                      unfinished=TaskStatus.FAILED)
+    before = _rows(store)
+
+    store.warm_up()
+    assert _rows(store) == before
+
+    caplog.set_level("INFO", logger="sqlalchemy.engine.Engine")
+    second = store.create_session("nightly", ["db"], full=False).id
+    task = store.tasks(second)[0].id
+    caplog.clear()
+    store.claim_session(second)
+    store.advance_session(second, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
+    store.update_task(task, notes=["snapshot 8 removed"], unlock=("lab/db-id", second))
+    assert store.end_session(second, SessionResult.SUCCESS, None, unfinished=TaskStatus.NOT_PROCESSED, if_stop_mode=None)
+    statistics = [record.getMessage() for record in caplog.records if record.getMessage().startswith("[")]
+    assert len(statistics) >= 5, statistics
+    assert [line for line in statistics if "generated in" in line and "UPDATE vm_task SET" not in line] == []
