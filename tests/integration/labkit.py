@@ -124,6 +124,9 @@ class Lab:
         self._procs: list[subprocess.Popen[str]] = []
         #: whether a session may still run when the test ends (a detached or background start)
         self._may_leave_sessions = False
+        #: VMs with a pause armed by :meth:`pause` and not lifted: a paused call ignores an
+        #: immediate stop, so teardown lifts them before stopping what a failed test left
+        self._paused: set[str] = set()
         self._counter = 0
 
     # ---- config ---------------------------------------------------------------------------
@@ -293,11 +296,13 @@ class Lab:
         --pause`` (arming it again changes nothing) and return how many calls it blocks now, in
         any process; ``sim fault VM --resume`` lifts it. A test holds a VM task at a known
         point with it, however slow the machine, instead of betting on a read throttle."""
+        self._paused.add(vm)
         return self.run_json("sim", "fault", vm, "--op", op, "--pause")["paused"].get(op, 0)
 
     def resume(self, vm: str) -> None:
         """Lift the pauses of ``vm`` (:meth:`pause`); calls they blocked go on."""
         self.sim("fault", vm, "--resume")
+        self._paused.discard(vm)
 
     def snapshots(self) -> dict[str, list[dict[str, Any]]]:
         """Current snapshots of every VM, from ``vm list --json``."""
@@ -338,7 +343,14 @@ class Lab:
     # ---- teardown -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop whatever sessions a failed test left running, then reap our own processes."""
+        """Lift the pauses a failed test left armed and stop whatever sessions it left running
+        (a call held by a pause would keep its session process waiting for ever), then reap
+        our own processes."""
+        for vm in sorted(self._paused):
+            try:
+                self.run("sim", "fault", vm, "--resume", timeout=30)
+            except Exception:  # noqa: BLE001 - best effort; the test itself reports what failed
+                pass
         has_state_db = self.state_db.exists() or not self.state_url.startswith("sqlite")
         if self._may_leave_sessions and self.config.exists() and has_state_db:
             try:
