@@ -388,6 +388,7 @@ class _Configs:
 
     def _open_store(self, url: str) -> None:
         from backupd.state import StateStore
+        from backupd.vmtask import TASK_RECORDS
 
         if url == self._store_url:
             return
@@ -398,7 +399,7 @@ class _Configs:
         store = None
         try:
             store = StateStore(url)
-            store.warm_up()
+            store.warm_up(TASK_RECORDS)
         except Exception as exc:  # noqa: BLE001 - best effort: children open the state DB themselves
             print(f"backupd fork server: the state DB could not be prepared for the session processes, "
                   f"each opens it itself: {exc}", file=sys.stderr)

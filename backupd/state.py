@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from sqlalchemy import Column, Enum, bindparam, case, delete, event, false, func, insert, literal, union_all, update
 from sqlalchemy.sql import Executable
@@ -295,6 +295,45 @@ def _task_record(columns: tuple[str, ...], notes: int, unlock: bool, lock: bool)
     return statement
 
 
+class TaskRecord(NamedTuple):
+    """The shape of a VM task's record, which decides its statements (one per shape, compiled
+    once per engine): :meth:`StateStore.update_task` with these ``columns`` (sorted), that many
+    ``notes`` and a lock released (``unlock``), or :meth:`StateStore.try_lock_vm` with
+    ``task`` and these columns (``lock``)."""
+
+    columns: tuple[str, ...]
+    notes: int = 0
+    unlock: bool = False
+    lock: bool = False
+
+    def steps(self, task: int, fields: dict[str, Any], notes: Sequence[str], at: datetime,
+              lock: dict[str, Any] | None = None, *, one_statement: bool) -> list[tuple[Executable, dict[str, Any]]]:
+        """The statements and parameters of this record.
+
+        :param task: the VM task's id.
+        :param fields: a value for each of :attr:`columns`.
+        :param notes: :attr:`notes` log lines, written at ``at``.
+        :param lock: ``lock_key`` and ``lock_session`` of the lock released (``unlock``) or
+            taken (``lock``, with ``lock_at``).
+        :param one_statement: PostgreSQL: one statement (:func:`_task_record`); SQLite: a
+            statement per step, run as one transaction.
+        """
+        if self.columns and one_statement:
+            parameters = {"task": task, **fields, **(lock or {})}
+            if self.notes:
+                parameters.update(note_at=at, **{f"note_{n}": note for n, note in enumerate(notes)})
+            return [(_task_record(self.columns, self.notes, self.unlock, self.lock), parameters)]
+        steps: list[tuple[Executable, dict[str, Any]]] = []
+        if self.lock:
+            steps.append((_LOCK_TAKE, dict(lock or {})))
+        if self.columns:
+            steps.append((_task_update(self.columns), {"task": task, **fields}))
+        steps += [(_TASK_NOTE, {"task": task, "note_at": at, "note_text": note}) for note in notes]
+        if self.unlock:
+            steps.append((_UNLOCK, dict(lock or {})))
+        return steps
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """Per connection: wait up to 30 s for another writer; WAL makes NORMAL sync durable
     at each checkpoint and crash-safe at every commit (SQLite's documented WAL behaviour)."""
@@ -453,17 +492,17 @@ class StateStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    def warm_up(self) -> None:
-        """Run once each read a job session makes, and the writes of the session's own
-        record and the fixed ones of its VM tasks' records on session 0 and VM task 0, which
-        do not exist (nothing changes), then close every connection. A process forked after
-        this inherits the engine with those statements compiled: SQLAlchemy compiles a
-        statement once per engine and keeps it (SQLAlchemy documentation, "SQL Compilation
-        Caching"). In a new session process each first use cost 1-5 ms of CPU (measured; an
-        ORM statement the most). What stays to compile in each session process: a VM task's
-        column updates, one statement per set of columns, and the inserts of a log line and
-        of a VM lock. The daemon's fork server calls it (:mod:`backupd.forkserver`); a forked
-        child calls :meth:`after_fork` first.
+    def warm_up(self, task_records: Iterable[TaskRecord] = ()) -> None:
+        """Run once each statement a job session runs, so that nothing changes, then close
+        every connection: its reads; its own records (claim, start, end) on session 0, which
+        does not exist; and, in one transaction rolled back, a session log line and the VM
+        task records ``task_records`` (:data:`backupd.vmtask.TASK_RECORDS`) on VM task 0. A
+        process forked after this inherits the engine with those statements compiled:
+        SQLAlchemy compiles a statement once per engine and keeps it (SQLAlchemy
+        documentation, "SQL Compilation Caching"). In a new session process each first use
+        cost 1-5 ms of CPU (measured; an ORM statement, or a PostgreSQL task record of
+        several ``WITH`` clauses, the most). The daemon's fork server calls it
+        (:mod:`backupd.forkserver`); a forked child calls :meth:`after_fork` first.
 
         :raises StateError: the state DB cannot be used.
         """
@@ -479,8 +518,30 @@ class StateStore:
         self.claim_session(0)
         self.advance_session(0, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
         self.end_session(0, SessionResult.SUCCESS, None, unfinished=TaskStatus.NOT_PROCESSED, if_stop_mode=None)
-        self.update_task(0, notes=["warm-up"], unlock=("", 0))
+        self._warm_up_task_records(task_records)
         self.engine.dispose()
+
+    def _warm_up_task_records(self, records: Iterable[TaskRecord]) -> None:
+        """:meth:`warm_up`'s rolled-back transaction. The log line goes under the newest
+        session, if there is one (its row must exist); each record's statements run with
+        the parameters :meth:`update_task` and :meth:`try_lock_vm` give them (the parameter
+        names are part of a compiled statement's cache key), on VM task 0; a record without
+        columns (log lines and a lock's release alone) first, its statements fixed."""
+        now = utcnow()
+        with self._guarded(True), self.engine.connect() as connection, connection.begin() as transaction:
+            newest = connection.execute(select(func.max(_SESSIONS.c.id))).scalar()
+            if newest is not None:
+                connection.execute(_LOG_LINE, {"session_id": newest, "level": "info", "vm": None,
+                                               "text": "warm-up", "at": now})
+            for record in (TaskRecord((), 1, unlock=True), *records):
+                fields = dict.fromkeys(record.columns)
+                lock = None
+                if record.lock or record.unlock:
+                    lock = {"lock_key": "warm-up", "lock_session": 0, **({"lock_at": now} if record.lock else {})}
+                for statement, parameters in record.steps(0, fields, ["warm-up"] * record.notes, now, lock,
+                                                          one_statement=self._one_statement):
+                    connection.execute(statement, parameters)
+            transaction.rollback()
 
     def after_fork(self) -> None:
         """Call first in a process forked from one that opened this store: its connection pool
@@ -826,19 +887,9 @@ class StateStore:
         transaction, add lines to its session's log under its VM at level info (``notes``)
         and release a VM lock (``unlock``: key and holding session, as :meth:`release_vm`):
         one commit where a VM task's progress would otherwise cost two or three."""
-        if fields and self._one_statement:
-            parameters = {"task": task_id, **fields, "note_at": utcnow(),
-                          **{f"note_{n}": note for n, note in enumerate(notes)}}
-            if unlock is not None:
-                parameters.update(lock_key=unlock[0], lock_session=unlock[1])
-            self._execute([(_task_record(tuple(sorted(fields)), len(notes), unlock is not None, False), parameters)])
-            return
-        steps: list[tuple[Executable, dict[str, Any]]] = []
-        if fields:
-            steps.append((_task_update(tuple(sorted(fields))), {"task": task_id, **fields}))
-        steps += [(_TASK_NOTE, {"task": task_id, "note_at": utcnow(), "note_text": note}) for note in notes]
-        if unlock is not None:
-            steps.append((_UNLOCK, {"lock_key": unlock[0], "lock_session": unlock[1]}))
+        record = TaskRecord(tuple(sorted(fields)), len(notes), unlock is not None)
+        lock = None if unlock is None else {"lock_key": unlock[0], "lock_session": unlock[1]}
+        steps = record.steps(task_id, fields, notes, utcnow(), lock, one_statement=self._one_statement)
         if steps:
             self._execute(steps)
 
@@ -871,15 +922,14 @@ class StateStore:
         :returns: None when taken (or already held by this session), else the id of the
             session holding it. A lock held by a session that has ended is taken over.
         """
-        later = [] if task is None or not fields else [(_task_update(tuple(sorted(fields))), {"task": task, **fields})]
+        with_task = task is not None and bool(fields)
+        record = TaskRecord(tuple(sorted(fields)) if with_task else (), lock=True)
+        later = [] if not with_task else [(_task_update(record.columns), {"task": task, **fields})]
         with self._guarded(True):
             while True:
                 take = {"lock_key": key, "lock_session": session_id, "lock_at": utcnow()}
                 try:
-                    if later and self._one_statement:
-                        self._run([(_task_record(tuple(sorted(fields)), 0, False, True), {**take, "task": task, **fields})])
-                    else:
-                        self._run([(_LOCK_TAKE, take), *later])
+                    self._run(record.steps(task or 0, fields, (), take["lock_at"], take, one_statement=self._one_statement))
                     return None
                 except IntegrityError:
                     pass  # held: by whom, and is that session still there?

@@ -42,7 +42,7 @@ from backupd.enums import TaskStatus, TransferMode
 from backupd.errors import BackupdError, RepositoryError, SessionCancelled, StateError
 from backupd.recovery import recover_dead_sessions, snapshot_name
 from backupd.retry import call_with_retry
-from backupd.state import JobSession, StateStore, VmTask as VmTaskRow, utcnow
+from backupd.state import JobSession, StateStore, TaskRecord, VmTask as VmTaskRow, utcnow
 from backupd.stop import StopSignal
 from providers.base import (
     CbtUnavailable,
@@ -69,6 +69,27 @@ IN_FLIGHT_BLOCKS = 8
 PROGRESS_SECONDS = 0.5
 #: seconds between two attempts to take a VM's lock
 LOCK_POLL_SECONDS = 0.5
+
+
+#: the columns of a VM task's end record (:meth:`VmTask._finish`) when it succeeds
+_END = ("bytes_read", "bytes_stored", "ended_at", "mode", "restore_point", "snapshot_removed", "stage", "status",
+        "warning")
+#: The records a VM task writes on its usual way (an unchanged VM's, and one with blocks to
+#: read), in order. The daemon's fork server compiles their statements before it forks
+#: (:meth:`StateStore.warm_up`): on PostgreSQL each costs a new session process about 2 ms of
+#: CPU to compile. A record not listed here (a failure's, a warning's) is compiled where it
+#: is first written; tests/unit/test_session_runner.py checks the usual ways use only these.
+TASK_RECORDS = (
+    TaskRecord(("stage", "started_at", "status", "vm_id"), lock=True),  # the VM lock, the task's start
+    TaskRecord(("snapshot_id", "stage"), 1),  # the snapshot
+    TaskRecord(("bytes_total", "mode"), 1),  # the plan, when there are blocks to read
+    TaskRecord(("bytes_read", "bytes_stored")),  # progress
+    TaskRecord(("stage",)),  # the commit
+    TaskRecord(("restore_point", "stage"), 1),  # the restore point
+    TaskRecord(("bytes_total", "mode", "restore_point", "stage"), 2),  # the plan and point of an unchanged VM
+    TaskRecord(_END, 1, unlock=True),  # the end, with the snapshot's removal
+    TaskRecord(_END, 2, unlock=True),  # the end, with retention's line too
+)
 
 
 def vm_lock_key(provider: str, vm_id: str) -> str:

@@ -1,20 +1,21 @@
 """The CPU time of one job session in a session process forked as the daemon forks it, in
 seconds instead of the minutes of ``bench/daemon.py``:
-``.venv/bin/python bench/session_cpu.py --lab DIR [--runs N] [--parallel N] [--first]``.
+``.venv/bin/python bench/session_cpu.py --lab DIR [--runs N] [--parallel N] [--first] [--postgresql]``.
 
 ``bench/daemon.py`` measures the daemon under a load of 100 sessions, and its CPU figures move
-by up to a third between runs on a shared machine. This measures one session at a time, the
-way to compare two versions of the engine (run both, alternating, several times each). The
-lab is ``bench/daemon.py``'s (100 jobs of 10 VMs of one empty 1 MiB disk each, and the job
-``alone`` of 10 such VMs, in one config), on SQLite, or with ``--postgresql`` on a fresh
-database of the local PostgreSQL server (dropped at the end, as the lab is made again). The parent prepares what the daemon's
-fork server prepares (:mod:`backupd.forkserver`: the imports, the config validated once, the
-state DB's engine warmed up, ``gc.freeze``) and registers itself as the running daemon, so a
-session skips the recovery pass as it does under a daemon. Then, per run, it creates a session
-of ``alone`` (or, with ``--first``, of the next load job never run: a VM's first session, no
-restore point to read or delete), forks, the child hosts it (``backupd.host``), and the parent
-reads the child's CPU time, user and system, and its minor page faults (``wait4``). Per VM:
-the figure ``bench/daemon.py`` calls "CPU per VM, session processes", for one session alone.
+by up to a third between runs on a shared machine. This measures one session at a time, the way
+to compare two versions of the engine (run both, alternating, several times each). The lab is
+``bench/daemon.py``'s (100 jobs of 10 VMs of one empty 1 MiB disk each, and the job ``alone``
+of 10 such VMs, in one config), on SQLite, or with ``--postgresql`` on a fresh database of the
+local PostgreSQL server (dropped at the end, as the lab is made again). The parent prepares
+what the daemon's fork server prepares (:mod:`backupd.forkserver`: the imports, the config
+validated once, ``gc.freeze``, and the state DB's engine warmed up once the first session
+exists) and registers itself as the running daemon, so a session skips the recovery pass as it
+does under a daemon. Then, per run, it creates a session of ``alone`` (or, with ``--first``, of
+the next load job never run: a VM's first session, no restore point to read or delete), forks,
+the child hosts it (``backupd.host``), and the parent reads the child's CPU time, user and
+system, and its minor page faults (``wait4``). Per VM: the figure ``bench/daemon.py`` calls
+"CPU per VM, session processes", for one session alone.
 
 ``alone`` keeps 7 restore points per VM (the default retention): from its eighth run on, a
 session reads 7 manifest headers per VM and deletes one point. ``--parallel`` sets the job's
@@ -92,6 +93,7 @@ def measure(lab: Path, url: str, args: argparse.Namespace) -> int:
     from backupd.host import run_session_process
     from backupd.service import Backupd
     from backupd.state import DaemonRegistry, StateStore
+    from backupd.vmtask import TASK_RECORDS
 
     config_path = lab / "backupd.toml"
     import_for_sessions(config_path)
@@ -101,7 +103,6 @@ def measure(lab: Path, url: str, args: argparse.Namespace) -> int:
     store = StateStore(url)
     registry = DaemonRegistry(store)
     registry.register(str(config_path))
-    store.warm_up()
     service = Backupd(config, store=store)
     gc.collect()
     gc.freeze()
@@ -110,6 +111,8 @@ def measure(lab: Path, url: str, args: argparse.Namespace) -> int:
         job = next_first_job(service) if args.first else JOB
         registry.beat()
         session = service.create_session(job)
+        if run == 0:  # as the fork server does, at its first request: a session exists by then
+            store.warm_up(TASK_RECORDS)
         store.engine.dispose()  # no connection crosses the fork
         pid = os.fork()
         if pid == 0:

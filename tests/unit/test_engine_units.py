@@ -312,9 +312,11 @@ def _rows(store: StateStore) -> dict[str, list[tuple]]:
 def test_warming_up_changes_nothing_and_compiles_what_a_session_records_of_itself(
         store: StateStore, caplog: pytest.LogCaptureFixture) -> None:
     """What the daemon's fork server runs before it forks session processes: every row stays
-    as it was, and a child's session records (claim, start, end) and a VM task's log lines
-    and lock release find their statements compiled (SQLAlchemy logs "[cached since ...]"
-    instead of "[generated in ...]", its documented cache statistics)."""
+    as it was, and a child's session records (claim, start, log lines, end) and its VM tasks'
+    records find their statements compiled (SQLAlchemy logs "[cached since ...]" instead of
+    "[generated in ...]", its documented cache statistics)."""
+    from backupd.vmtask import TASK_RECORDS
+
     first = store.create_session("nightly", ["web", "db"], full=False).id
     store.try_lock_vm("lab/web-id", first)
     store.update_task(store.tasks(first)[0].id, notes=["snapshot 7 created"], stage="transfer")
@@ -322,7 +324,7 @@ def test_warming_up_changes_nothing_and_compiles_what_a_session_records_of_itsel
                       unfinished=TaskStatus.FAILED)
     before = _rows(store)
 
-    store.warm_up()
+    store.warm_up(TASK_RECORDS)
     assert _rows(store) == before
 
     caplog.set_level("INFO", logger="sqlalchemy.engine.Engine")
@@ -331,8 +333,14 @@ def test_warming_up_changes_nothing_and_compiles_what_a_session_records_of_itsel
     caplog.clear()
     store.claim_session(second)
     store.advance_session(second, from_state=SessionState.STARTING, to_state=SessionState.WORKING)
-    store.update_task(task, notes=["snapshot 8 removed"], unlock=("lab/db-id", second))
+    store.log(second, "session started: job nightly, 1 VMs")
+    assert store.try_lock_vm("lab/db-id", second, task=task, stage="snapshot", started_at=utcnow(),
+                             status=TaskStatus.RUNNING, vm_id="db-id") is None
+    store.update_task(task, notes=["snapshot 8 created"], snapshot_id="8", stage="transfer")
+    store.update_task(task, notes=["snapshot 8 removed"], unlock=("lab/db-id", second), bytes_read=0,
+                      bytes_stored=0, ended_at=utcnow(), mode="incremental", restore_point="p", snapshot_removed=True,
+                      stage="done", status=TaskStatus.SUCCESS, warning=None)
     assert store.end_session(second, SessionResult.SUCCESS, None, unfinished=TaskStatus.NOT_PROCESSED, if_stop_mode=None)
     statistics = [record.getMessage() for record in caplog.records if record.getMessage().startswith("[")]
-    assert len(statistics) >= 5, statistics
+    assert len(statistics) >= 8, statistics
     assert [line for line in statistics if "generated in" in line and "UPDATE vm_task SET" not in line] == []

@@ -600,3 +600,39 @@ def test_a_vm_with_blocks_to_read_shows_its_plan_before_its_first_read(site: Sit
     assert f"full transfer of 1 disk(s), {DISK_BYTES} bytes to read" in site.log(running.id)
     site.provider.clear_faults("vm-a")
     assert running.outcome() is SessionResult.SUCCESS
+
+
+def test_the_usual_ways_of_a_vm_task_write_only_the_records_compiled_ahead(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """:data:`backupd.vmtask.TASK_RECORDS` is what the daemon's fork server compiles before it
+    forks a session process (:meth:`StateStore.warm_up`); a record missing from it costs every
+    session process its compilation. The usual ways: a full transfer with blocks to read, then
+    an unchanged VM's incremental one at its retention (its end record gains retention's line).
+    Records without columns write only fixed statements, compiled ahead too."""
+    from backupd.state import TaskRecord
+    from backupd.vmtask import TASK_RECORDS
+
+    site.configure(retention=1)
+    written: set[TaskRecord] = set()
+    update_task, try_lock_vm = site.store.update_task, site.store.try_lock_vm
+
+    def recording_update_task(task_id: int, *, notes: Any = (), unlock: Any = None, **fields: Any) -> None:
+        written.add(TaskRecord(tuple(sorted(fields)), len(notes), unlock is not None))
+        update_task(task_id, notes=notes, unlock=unlock, **fields)
+
+    def recording_try_lock_vm(key: str, session_id: int, *, task: Any = None, **fields: Any) -> Any:
+        if task is not None and fields:
+            written.add(TaskRecord(tuple(sorted(fields)), lock=True))
+        return try_lock_vm(key, session_id, task=task, **fields)
+
+    monkeypatch.setattr(site.store, "update_task", recording_update_task)
+    monkeypatch.setattr(site.store, "try_lock_vm", recording_try_lock_vm)
+    for expected_mode in ("full", "incremental"):
+        session_id, result = site.run()
+        assert result is SessionResult.SUCCESS
+        assert {task.mode for task in site.tasks(session_id).values()} == {expected_mode}
+    assert any("retention removed" in line for line in site.log(session_id))
+
+    with_columns = {record for record in written if record.columns}
+    assert len(with_columns) >= 7, with_columns  # lock, snapshot, plan, commit, point (2 ways), end (2 ways)
+    assert with_columns <= set(TASK_RECORDS), with_columns - set(TASK_RECORDS)
