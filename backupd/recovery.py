@@ -10,12 +10,13 @@ are discarded (the repository does that itself on open); and the snapshot hunter
 snapshots with backupd's name prefix that no live session owns.
 
 - :func:`recover_dead_sessions` runs whenever a CLI command opens the state DB (a session
-  process leaves it to its session's recovery pass, or to the daemon's) and finds sessions whose runner is gone (:meth:`StateStore.dead_sessions`: a dead or
-  zombie process on this host, or a heartbeat that stopped). It makes the state DB agree with
-  the repository: a VM whose restore point was committed before the crash gets it recorded
-  (``warning`` when its snapshot removal did not complete, else ``success``); a VM that never
-  started is ``not_processed``; any other unfinished VM is ``failed`` with the reason. The
-  session ends ``failed``.
+  process leaves it to its session's recovery pass, or to the daemon's) and finds sessions
+  whose runner is gone (:meth:`StateStore.dead_sessions`: a dead or zombie process on this
+  host, or a heartbeat that stopped). It makes the state DB agree with the repository: a VM
+  whose restore point was committed before the crash gets it recorded (``warning`` when its
+  snapshot removal did not complete, else ``success``); a VM that never started is
+  ``not_processed``; any other unfinished VM is ``failed`` with the reason. The session ends
+  ``failed``.
 - :func:`remove_orphaned_snapshots` runs at the start of every session, for the VMs of its
   job: it removes snapshots that ended sessions recorded but did not remove, and hunts
   snapshots named ``backupd-<job>-<session>`` whose session has ended: a runner killed between

@@ -87,7 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def measure(lab: Path, url: str, args: argparse.Namespace) -> int:
     """Run ``args.runs`` sessions in forked processes; print their CPU per VM."""
-
     from backupd.config import load_config
     from backupd.forkserver import import_for_sessions
     from backupd.host import run_session_process
