@@ -9,14 +9,15 @@ it, and for each session forks a child that hosts the session — what a prefork
 (PostgreSQL's postmaster, gunicorn's arbiter). A child is a session process in everything that
 matters (:mod:`backupd.host`): a process session of its own (no terminal signal reaches it),
 stdin from ``/dev/null``, output appended to ``logs/session-ID.log``, the config as the daemon
-sent it (parsed and validated in the fork server once per config the daemon sends, not in
-every child: 0.1 s of CPU for a config of 100 jobs), its name ``backupd-session`` (how a
-restarted daemon finds it to adopt), and its exit code the session's. The state DB's engine
-is the fork server's too: opened once per state DB URL, each read a session makes run once
-(:meth:`~backupd.state.StateStore.warm_up`: SQLAlchemy compiles a statement once per engine),
-its connections closed before any fork; a child starts with an empty connection pool of its
-own. The fork server holds no state DB connection and no thread when it forks: a child starts
-from clean state, as it would after exec.
+sent it (parsed and validated in the fork server once per config the daemon sends, not in every
+child: 0.1 s of CPU for a config of 100 jobs), its name ``backupd-session`` (how a restarted
+daemon finds it to adopt), and its exit code the session's. The state DB's engine is the fork
+server's too: opened once per state DB URL, each statement a session runs run once so that
+nothing changes (:meth:`~backupd.state.StateStore.warm_up` with
+:data:`backupd.vmtask.TASK_RECORDS`: SQLAlchemy compiles a statement once per engine), its
+connections closed before any fork; a child starts with an empty connection pool of its own.
+The fork server holds no state DB connection and no thread when it forks: a child starts from
+clean state, as it would after exec.
 
 Protocol, one JSON object per line. The daemon writes requests on the fork server's stdin::
 
